@@ -1,0 +1,326 @@
+// binding.cpp: the torch layer of flash_dmattn.
+//
+// Registers flash_dmattn::mha_varlen_fwd with TORCH_LIBRARY, validates every argument here and
+// only here (SPEC.md section 3), turns tensors into the plain-C fdm_params struct and calls the
+// CPU implementation (csrc/cpu) or the CUDA launcher (csrc/kernels). Error messages use the
+// Python parameter names of flash_dmattn_varlen_func.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "cpu/fdm_cpu.h"
+#include "fdm_params.h"
+
+#ifdef FDM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/fdm_cuda.h"
+#endif
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+#define FDM_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "flash_dmattn: ", __VA_ARGS__)
+
+// FLASH_DMATTN_DEBUG=1 turns on the checks that read cu_seqlens on a GPU (a host sync).
+bool debug_mode() {
+    const char *env = std::getenv("FLASH_DMATTN_DEBUG");
+    return env != nullptr && env[0] != '\0' && std::string(env) != "0";
+}
+
+std::string shape_str(const Tensor &t) { return c10::str(t.sizes()); }
+
+// ---------------------------------------------------------------- validation (the one place)
+
+struct Sizes {
+    int64_t total_q, total_k, heads, heads_k, head_dim, batch;
+};
+
+Sizes check_qkv(const Tensor &q, const Tensor &k, const Tensor &v) {
+    FDM_CHECK(q.dim() == 3, "query must be 3-D (total_q, num_heads, head_dim), got shape ", shape_str(q));
+    FDM_CHECK(k.dim() == 3, "key must be 3-D (total_k, num_heads_k, head_dim), got shape ", shape_str(k));
+    FDM_CHECK(v.dim() == 3, "value must be 3-D (total_k, num_heads_k, head_dim), got shape ", shape_str(v));
+    Sizes s{q.size(0), k.size(0), q.size(1), k.size(1), q.size(2), 0};
+    FDM_CHECK(k.size(2) == s.head_dim, "key head_dim ", k.size(2), " differs from query head_dim ", s.head_dim);
+    FDM_CHECK(v.sizes() == k.sizes(), "value shape ", shape_str(v), " differs from key shape ", shape_str(k));
+    FDM_CHECK(s.heads_k > 0 && s.heads % s.heads_k == 0, "query num_heads ", s.heads,
+              " must be a multiple of key num_heads_k ", s.heads_k);
+    FDM_CHECK(s.head_dim > 0, "query head_dim must be positive, got ", s.head_dim);
+    FDM_CHECK(k.dtype() == q.dtype(), "key dtype ", k.dtype(), " differs from query dtype ", q.dtype());
+    FDM_CHECK(v.dtype() == q.dtype(), "value dtype ", v.dtype(), " differs from query dtype ", q.dtype());
+    FDM_CHECK(k.device() == q.device(), "key is on ", k.device(), " but query is on ", q.device());
+    FDM_CHECK(v.device() == q.device(), "value is on ", v.device(), " but query is on ", q.device());
+    FDM_CHECK(q.stride(2) == 1 || s.head_dim == 1, "query last dim must be contiguous (stride 1), got strides ", q.strides());
+    FDM_CHECK(k.stride(2) == 1 || s.head_dim == 1, "key last dim must be contiguous (stride 1), got strides ", k.strides());
+    FDM_CHECK(v.stride(2) == 1 || s.head_dim == 1, "value last dim must be contiguous (stride 1), got strides ", v.strides());
+
+    const auto dt = q.scalar_type();
+    if (q.is_cuda()) {
+        FDM_CHECK(dt == at::kHalf || dt == at::kBFloat16,
+                  "query dtype ", q.dtype(), " is not supported on CUDA (float16 or bfloat16)");
+#ifdef FDM_WITH_CUDA
+        FDM_CHECK(s.head_dim % 8 == 0 && s.head_dim <= FDM_CUDA_MAX_HEAD_DIM, "query head_dim ", s.head_dim,
+                  " is not supported on CUDA (multiples of 8 up to ", FDM_CUDA_MAX_HEAD_DIM, ")");
+#endif
+    } else {
+        FDM_CHECK(q.is_cpu(), "query device ", q.device(), " is not supported (cpu or cuda)");
+        FDM_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                  "query dtype ", q.dtype(), " is not supported on CPU (float32, float16 or bfloat16)");
+    }
+    return s;
+}
+
+void check_cu_seqlens(const Tensor &cu, const char *name, const Tensor &q, int64_t batch_plus_one) {
+    FDM_CHECK(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.dtype());
+    FDM_CHECK(cu.dim() == 1, name, " must be 1-D (batch + 1,), got shape ", shape_str(cu));
+    FDM_CHECK(cu.size(0) >= 1, name, " must have at least one entry (batch + 1 >= 1)");
+    FDM_CHECK(cu.size(0) == batch_plus_one, name, " has ", cu.size(0), " entries but cu_seqlens_q has ",
+              batch_plus_one, " (both must be batch + 1)");
+    FDM_CHECK(cu.device() == q.device(), name, " is on ", cu.device(), " but query is on ", q.device());
+    FDM_CHECK(cu.is_contiguous(), name, " must be contiguous");
+}
+
+// Reads cu_seqlens (a host sync on a GPU): starts at 0, non-decreasing, ends at total, max length.
+void check_cu_seqlens_data(const Tensor &cu, const char *name, int64_t total, int64_t max_seqlen,
+                           const char *max_name) {
+    const Tensor host = cu.cpu();
+    const int32_t *c = host.data_ptr<int32_t>();
+    const int64_t n = host.size(0);
+    FDM_CHECK(c[0] == 0, name, " must start at 0, got ", c[0]);
+    int64_t longest = 0;
+    for (int64_t b = 0; b + 1 < n; ++b) {
+        FDM_CHECK(c[b + 1] >= c[b], name, " must be non-decreasing, got ", c[b], " then ", c[b + 1],
+                  " at index ", b);
+        longest = std::max<int64_t>(longest, c[b + 1] - c[b]);
+    }
+    FDM_CHECK(c[n - 1] == total, name, " must end at ", total, " (the packed length), got ", c[n - 1]);
+    FDM_CHECK(longest <= max_seqlen, max_name, "=", max_seqlen, " is smaller than the longest sequence (",
+              longest, ") in ", name);
+}
+
+bool mask_dtype_ok(at::ScalarType t) {
+    return t == at::kBool || t == at::kByte || t == at::kChar || t == at::kHalf || t == at::kBFloat16 ||
+           t == at::kFloat;
+}
+
+// Validates a mask or bias and returns its fdm_operand (pointer, dtype, layout, strides).
+fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_mask, const Tensor &q,
+                         const Sizes &s, int64_t max_seqlen_k) {
+    fdm_operand o;
+    o.ptr = nullptr;
+    o.dtype = FDM_F32;
+    o.layout = FDM_LAYOUT_KEY;
+    o.stride_q = o.stride_k = o.stride_kv_head = o.stride_group = 0;
+    if (!opt.has_value()) return o;
+    const Tensor &t = *opt;
+    const std::string accepted = c10::str("accepted: key-based (total_k=", s.total_k, ", h') or query-based (total_q=",
+                                          s.total_q, ", h', Kq >= max_seqlen_k=", max_seqlen_k, ") with h' in {1, ",
+                                          s.heads_k, ", ", s.heads, "}");
+    FDM_CHECK(t.dim() == 2 || t.dim() == 3, name, " has shape ", shape_str(t), "; ", accepted);
+    FDM_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but query is on ", q.device());
+    const auto dt = t.scalar_type();
+    if (is_mask) {
+        FDM_CHECK(mask_dtype_ok(dt), name, " dtype ", t.dtype(),
+                  " is not supported (bool, uint8, int8, float16, bfloat16 or float32)");
+    } else {
+        FDM_CHECK(dt == q.scalar_type() || dt == at::kFloat, name, " dtype ", t.dtype(),
+                  " must be the query dtype (", q.dtype(), ") or float32");
+    }
+    const int64_t rows = t.size(0), hp = t.size(1);
+    if (t.dim() == 2) {
+        FDM_CHECK(rows == s.total_k, name, " is 2-D (key-based) with ", rows, " rows but total_k is ", s.total_k,
+                  "; ", accepted);
+    } else {
+        FDM_CHECK(rows == s.total_q, name, " is 3-D (query-based) with ", rows, " rows but total_q is ",
+                  s.total_q, "; ", accepted);
+        FDM_CHECK(t.size(2) >= max_seqlen_k, name, " has Kq=", t.size(2), " keys per row, less than max_seqlen_k=",
+                  max_seqlen_k, "; ", accepted);
+    }
+    FDM_CHECK(hp == 1 || hp == s.heads_k || hp == s.heads, name, " has ", hp, " heads in shape ", shape_str(t),
+              "; ", accepted);
+
+    o.ptr = t.data_ptr();
+    switch (dt) {
+        case at::kFloat: o.dtype = FDM_F32; break;
+        case at::kHalf: o.dtype = FDM_F16; break;
+        case at::kBFloat16: o.dtype = FDM_BF16; break;
+        default: o.dtype = FDM_BYTE; break;
+    }
+    o.layout = t.dim() == 2 ? FDM_LAYOUT_KEY : FDM_LAYOUT_QUERY;
+    if (o.layout == FDM_LAYOUT_KEY) {
+        o.stride_k = t.stride(0);
+    } else {
+        o.stride_q = t.stride(0);
+        o.stride_k = t.stride(2);
+    }
+    // Head h = hk * G + g reads head(h) of h'; a stride of 0 broadcasts.
+    const int64_t head_stride = hp == 1 ? 0 : t.stride(1);
+    const int64_t group = s.heads / s.heads_k;
+    if (hp == s.heads) {
+        o.stride_kv_head = group * head_stride;
+        o.stride_group = head_stride;
+    } else {
+        o.stride_kv_head = head_stride;  // hp == H_k (or 1 with stride 0)
+        o.stride_group = 0;
+    }
+    return o;
+}
+
+fdm_dtype to_fdm_dtype(at::ScalarType t) {
+    return t == at::kHalf ? FDM_F16 : (t == at::kBFloat16 ? FDM_BF16 : FDM_F32);
+}
+
+// Everything SPEC.md section 3 refuses, checked before any kernel runs; fills the struct.
+fdm_params validate_and_describe(const Tensor &q, const Tensor &k, const Tensor &v,
+                                 const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
+                                 const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, double scale, bool is_causal, double softcap,
+                                 const optional<Tensor> &block_table) {
+    Sizes s = check_qkv(q, k, v);
+    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, cu_seqlens_q.dim() == 1 ? cu_seqlens_q.size(0) : -1);
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, cu_seqlens_q.size(0));
+    s.batch = cu_seqlens_q.size(0) - 1;
+    FDM_CHECK(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
+    FDM_CHECK(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
+    FDM_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+    FDM_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0 = off), got ", softcap);
+    TORCH_CHECK_NOT_IMPLEMENTED(!block_table.has_value(),
+                                "flash_dmattn: block_table (paged KV cache) is not supported yet; pass None");
+    if (q.is_cpu() || debug_mode()) {
+        check_cu_seqlens_data(cu_seqlens_q, "cu_seqlens_q", s.total_q, max_seqlen_q, "max_seqlen_q");
+        check_cu_seqlens_data(cu_seqlens_k, "cu_seqlens_k", s.total_k, max_seqlen_k, "max_seqlen_k");
+    }
+
+    fdm_params p;
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.q_row_stride = q.stride(0);
+    p.q_head_stride = q.stride(1);
+    p.k_row_stride = k.stride(0);
+    p.k_head_stride = k.stride(1);
+    p.v_row_stride = v.stride(0);
+    p.v_head_stride = v.stride(1);
+    p.dtype = to_fdm_dtype(q.scalar_type());
+    p.out = nullptr;
+    p.out_row_stride = p.out_head_stride = 0;
+    p.lse = nullptr;
+    p.lse_head_stride = 0;
+    p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+    p.batch = s.batch;
+    p.total_q = s.total_q;
+    p.total_k = s.total_k;
+    p.max_seqlen_q = max_seqlen_q;
+    p.max_seqlen_k = max_seqlen_k;
+    p.num_heads = s.heads;
+    p.num_heads_k = s.heads_k;
+    p.head_dim = s.head_dim;
+    p.scale = static_cast<float>(scale);
+    p.softcap = static_cast<float>(softcap);
+    p.is_causal = is_causal ? 1 : 0;
+    p.mask = make_operand(attn_mask, "attn_mask", true, q, s, max_seqlen_k);
+    p.bias = make_operand(attn_bias, "attn_bias", false, q, s, max_seqlen_k);
+    return p;
+}
+
+std::tuple<Tensor, Tensor> alloc_outputs(const Tensor &q, fdm_params &p) {
+    Tensor out = at::empty(q.sizes(), q.options());
+    Tensor lse = at::empty({p.num_heads, p.total_q}, q.options().dtype(at::kFloat));
+    p.out = out.data_ptr();
+    p.out_row_stride = out.stride(0);
+    p.out_head_stride = out.stride(1);
+    p.lse = lse.data_ptr<float>();
+    p.lse_head_stride = lse.stride(0);
+    return {out, lse};
+}
+
+// ---------------------------------------------------------------- CPU
+
+std::tuple<Tensor, Tensor> mha_varlen_fwd_cpu(const Tensor &q, const Tensor &k, const Tensor &v,
+                                              const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
+                                              const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k,
+                                              int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                              bool is_causal, double softcap, const optional<Tensor> &block_table) {
+    fdm_params p = validate_and_describe(q, k, v, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, scale, is_causal, softcap, block_table);
+    auto outputs = alloc_outputs(q, p);
+    std::atomic<int> status{FDM_OK};
+    at::parallel_for(0, fdm_cpu_num_work_items(&p), 1, [&](int64_t begin, int64_t end) {
+        const int st = fdm_cpu_forward_range(&p, begin, end);
+        if (st != FDM_OK) status.store(st);
+    });
+    TORCH_CHECK(status.load() == FDM_OK, "flash_dmattn: CPU forward failed: ", fdm_status_string(status.load()));
+    return outputs;
+}
+
+// ---------------------------------------------------------------- CUDA
+
+#ifdef FDM_WITH_CUDA
+// cp.async moves 16-byte chunks: q/k/v need 16-byte aligned rows and heads, else we copy them.
+Tensor aligned_for_cuda(const Tensor &t) {
+    const int64_t elems = 16 / t.element_size();
+    const bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % elems == 0 &&
+                    t.stride(1) % elems == 0;
+    return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+std::tuple<Tensor, Tensor> mha_varlen_fwd_cuda(const Tensor &q_in, const Tensor &k_in, const Tensor &v_in,
+                                               const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
+                                               const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k,
+                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                               bool is_causal, double softcap, const optional<Tensor> &block_table) {
+    fdm_params p = validate_and_describe(q_in, k_in, v_in, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
+                                         max_seqlen_q, max_seqlen_k, scale, is_causal, softcap, block_table);
+    const c10::cuda::CUDAGuard guard(q_in.device());
+    const Tensor q = aligned_for_cuda(q_in), k = aligned_for_cuda(k_in), v = aligned_for_cuda(v_in);
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.q_row_stride = q.stride(0);
+    p.q_head_stride = q.stride(1);
+    p.k_row_stride = k.stride(0);
+    p.k_head_stride = k.stride(1);
+    p.v_row_stride = v.stride(0);
+    p.v_head_stride = v.stride(1);
+    auto outputs = alloc_outputs(q, p);
+    const int st = fdm_cuda_forward(&p, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(st == FDM_OK, "flash_dmattn: CUDA forward failed: ", fdm_status_string(st),
+                st == FDM_ERR_CUDA ? c10::str(" (", cudaGetErrorString(cudaGetLastError()), ")") : std::string());
+    return outputs;
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY(flash_dmattn, m) {
+    m.def(
+        "mha_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? attn_bias, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+        "bool is_causal, float softcap, Tensor? block_table) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flash_dmattn, CPU, m) { m.impl("mha_varlen_fwd", &mha_varlen_fwd_cpu); }
+
+#ifdef FDM_WITH_CUDA
+TORCH_LIBRARY_IMPL(flash_dmattn, CUDA, m) { m.impl("mha_varlen_fwd", &mha_varlen_fwd_cuda); }
+#endif
+
+// `import flash_dmattn._C` loads this library, whose static initializers register the op.
+extern "C" PyObject *PyInit__C(void) {
+    static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "flash_dmattn operator library", -1,
+                                        nullptr, nullptr, nullptr, nullptr, nullptr};
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,183 @@
+// fwd_kernel.cuh: the varlen attention forward kernel (SPEC.md section 1) on tensor cores.
+//
+// One CTA computes one (query block of kBlockM queries, query head h, sequence b); each of its
+// 4 warps owns 16 query rows. For every visible key tile n (kBlockN keys):
+//   S = Q K_n^T                     mma.sync, Q and K from shared memory (ldmatrix)
+//   X = transform(S) * log2 e       scale, softcap, bias, mask, causal, length (masking.cuh)
+//   P = online_softmax(X)           registers (softmax.cuh)
+//   O += P V_n                      mma.sync, P from registers, V via ldmatrix.trans
+// K/V tiles are double-buffered with cp.async: tile n+1 is in flight while tile n is computed.
+// Key tiles whose mask hides every pair are never loaded (prepare_key_tile).
+#pragma once
+
+#include "../fdm_params.h"
+#include "masking.cuh"
+#include "softmax.cuh"
+#include "tiles.cuh"
+
+namespace fdm {
+
+template <class T, int kHeadDim>
+__global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
+    fwd_kernel(const __grid_constant__ fdm_params p, int num_m_blocks) {
+    using Tile = FwdTile<kHeadDim>;
+    constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kRowStride;
+    constexpr int kNTiles = kBlockN / 8;   // 8-key MMA tiles of S per warp
+    constexpr int kDTiles = kHeadDim / 8;  // 8-column MMA tiles of O per warp
+
+    // blockIdx.x = ((b * H) + h) * num_m_blocks + m_block: neighbouring CTAs share K/V in L2.
+    const int m_block = blockIdx.x % num_m_blocks;
+    const int64_t bh = blockIdx.x / num_m_blocks;
+    const int h = static_cast<int>(bh % p.num_heads);
+    const int64_t b = bh / p.num_heads;
+    const int64_t group = p.num_heads / p.num_heads_k;
+
+    MaskContext ctx;
+    ctx.seq = fdm_seq_of(&p, b);
+    ctx.seq.len_k = min_i64(ctx.seq.len_k, p.max_seqlen_k);  // query-based rows hold max_seqlen_k keys at most
+    ctx.hk = h / group;
+    ctx.g = h % group;
+    ctx.m0 = m_block * kBlockM;
+    ctx.is_causal = p.is_causal;
+    if (ctx.m0 >= ctx.seq.len_q) return;
+    const int valid_rows = static_cast<int>(min_i64(kBlockM, ctx.seq.len_q - ctx.m0));
+
+    // Keys past the causal limit of the block's last query are never visited.
+    int64_t key_end = ctx.seq.len_k;
+    if (p.is_causal) key_end = min_i64(key_end, fdm_causal_last_key(&ctx.seq, ctx.m0 + valid_rows - 1) + 1);
+    const int num_n_tiles = key_end > 0 ? static_cast<int>((key_end + kBlockN - 1) / kBlockN) : 0;
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    T *q_s = reinterpret_cast<T *>(smem);                           // (kBlockM, kStride)
+    T *k_s = q_s + Tile::kQElems;                                   // (kStages, kBlockN, kStride)
+    T *v_s = k_s + Tile::kStages * Tile::kKVElems;                  // (kStages, kBlockN, kStride)
+    float *kbias_s = reinterpret_cast<float *>(v_s + Tile::kStages * Tile::kKVElems);  // (kStages, kBlockN)
+    uint8_t *kmask_s = reinterpret_cast<uint8_t *>(kbias_s + Tile::kStages * kBlockN);  // (kStages, kBlockN)
+
+    const T *q_g = static_cast<const T *>(p.q) + (ctx.seq.q_start + ctx.m0) * p.q_row_stride + h * p.q_head_stride;
+    const T *k_g = static_cast<const T *>(p.k) + ctx.seq.k_start * p.k_row_stride + ctx.hk * p.k_head_stride;
+    const T *v_g = static_cast<const T *>(p.v) + ctx.seq.k_start * p.v_row_stride + ctx.hk * p.v_head_stride;
+    const int head_dim = static_cast<int>(p.head_dim);
+
+    load_tile_async<Tile, kBlockM>(q_s, q_g, p.q_row_stride, valid_rows, head_dim);
+    cp_async_commit();
+
+    // Finds the first visible key tile at or after n, staging its key-based mask/bias in `stage`.
+    auto next_visible = [&](int n, int stage) {
+        while (n < num_n_tiles &&
+               !prepare_key_tile<Tile>(p, ctx, n, kmask_s + stage * kBlockN, kbias_s + stage * kBlockN))
+            ++n;
+        return n;
+    };
+    auto load_kv_async = [&](int n, int stage) {
+        const int j0 = n * kBlockN;
+        const int valid_keys = static_cast<int>(min_i64(kBlockN, ctx.seq.len_k - j0));
+        load_tile_async<Tile, kBlockN>(k_s + stage * Tile::kKVElems, k_g + j0 * p.k_row_stride, p.k_row_stride,
+                                       valid_keys, head_dim);
+        load_tile_async<Tile, kBlockN>(v_s + stage * Tile::kKVElems, v_g + j0 * p.v_row_stride, p.v_row_stride,
+                                       valid_keys, head_dim);
+        cp_async_commit();
+    };
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int gid = lane / 4, tig = lane % 4;
+    const int warp_row0 = warp * 16;  // first row of this warp inside the block
+
+    float acc_o[kDTiles][4];  // O, rows (gid, gid + 8), columns 8d + 2tig + {0, 1}
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
+    OnlineSoftmax<kNTiles, kDTiles> softmax;
+
+    int stage = 0;
+    int n = next_visible(0, stage);
+    if (n < num_n_tiles) load_kv_async(n, stage);
+
+    while (n < num_n_tiles) {
+        const int n_next = next_visible(n + 1, stage ^ 1);
+        if (n_next < num_n_tiles) {
+            load_kv_async(n_next, stage ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T *k_tile = k_s + stage * Tile::kKVElems;
+        const T *v_tile = v_s + stage * Tile::kKVElems;
+
+        // S = Q K^T: (16, kBlockN) per warp.
+        float s[kNTiles][4];
+#pragma unroll
+        for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+            uint32_t a[4];
+            ldmatrix_x4(a, smem_addr(q_s + (warp_row0 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
+#pragma unroll
+            for (int nn = 0; nn < kBlockN / 16; ++nn) {
+                const int mi = lane / 8;
+                uint32_t bk[4];
+                ldmatrix_x4(bk, smem_addr(k_tile + (nn * 16 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 +
+                                          (mi % 2) * 8));
+                mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
+                mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
+            }
+        }
+
+        // X = transform(S) in the log2 domain.
+        const uint8_t *kmask_tile = kmask_s + stage * kBlockN;
+        const float *kbias_tile = kbias_s + stage * kBlockN;
+#pragma unroll
+        for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = warp_row0 + gid + (e / 2) * 8, col = t * 8 + 2 * tig + (e % 2);
+                s[t][e] = kLog2e * transform_score(p, ctx, s[t][e], ctx.m0 + row, int64_t(n) * kBlockN + col, col,
+                                                   kmask_tile, kbias_tile);
+            }
+        }
+        softmax.update(s, acc_o);
+
+        // O += P V: P (16, kBlockN) as A fragments straight from the S accumulators.
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            uint32_t a[4];
+            a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dd = 0; dd < kHeadDim / 16; ++dd) {
+                const int mi = lane / 8;
+                uint32_t bv[4];
+                ldmatrix_x4_trans(bv, smem_addr(v_tile + (kk * 16 + lane % 8 + (mi % 2) * 8) * kStride + dd * 16 +
+                                                (mi / 2) * 8));
+                mma_16816<T>(acc_o[2 * dd], a, bv[0], bv[1]);
+                mma_16816<T>(acc_o[2 * dd + 1], a, bv[2], bv[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with `stage` before it is refilled
+        n = n_next;
+        stage ^= 1;
+    }
+    cp_async_wait<0>();  // the Q copy, when no key tile was visible
+
+    // out = O / l, lse = ln l + m; rows past the sequence are not written.
+    float lse[2];
+    softmax.finalize(acc_o, lse);
+    T *out_g = static_cast<T *>(p.out) + (ctx.seq.q_start + ctx.m0) * p.out_row_stride + h * p.out_head_stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = warp_row0 + gid + r * 8;
+        if (row >= valid_rows) continue;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+            const int col = d * 8 + 2 * tig;
+            if (col < head_dim)
+                *reinterpret_cast<uint32_t *>(out_g + row * p.out_row_stride + col) =
+                    pack2<T>(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+        }
+        if (tig == 0) p.lse[h * p.lse_head_stride + ctx.seq.q_start + ctx.m0 + row] = lse[r];
+    }
+}
+
+}  // namespace fdm

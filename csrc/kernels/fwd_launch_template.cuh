@@ -1,0 +1,26 @@
+// fwd_launch_template.cuh: grid, shared memory and launch of one fwd_kernel instantiation.
+#pragma once
+
+#include "fwd_kernel.cuh"
+#include "fwd_launch.h"
+
+namespace fdm {
+
+template <class T, int kHeadDim>
+int run_fwd(const fdm_params &p, cudaStream_t stream) {
+    using Tile = FwdTile<kHeadDim>;
+    // One CTA per (query block, head, sequence); blocks past a sequence's end return at once.
+    const int64_t num_m_blocks = (p.max_seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM;
+    const int64_t num_ctas = num_m_blocks * p.num_heads * p.batch;
+    if (num_ctas == 0) return FDM_OK;
+    if (num_ctas > 0x7fffffffLL) return FDM_ERR_GRID;
+
+    auto kernel = fwd_kernel<T, kHeadDim>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes) != cudaSuccess)
+        return FDM_ERR_CUDA;
+    kernel<<<static_cast<unsigned>(num_ctas), Tile::kThreads, Tile::kSmemBytes, stream>>>(
+        p, static_cast<int>(num_m_blocks));
+    return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
+}
+
+}  // namespace fdm

@@ -1,0 +1,135 @@
+// tiles.cuh: tile shapes of the forward kernel and the tensor-core primitives it is built from
+// (cp.async global->shared copies, ldmatrix shared->register loads, mma.sync m16n8k16).
+//
+// Fragment layouts of mma.m16n8k16 (PTX ISA), lane = 4 * gid + tig (gid = lane / 4, tig = lane % 4):
+//   A (16 x 16, row-major): a0 = A[gid][2tig..+1], a1 = A[gid+8][2tig..+1], a2 = A[gid][8+2tig..+1],
+//                           a3 = A[gid+8][8+2tig..+1]
+//   B (16 x 8, "col"):      b0 = B[2tig..+1][gid], b1 = B[8+2tig..+1][gid]
+//   C (16 x 8, float):      c0, c1 = C[gid][2tig..+1], c2, c3 = C[gid+8][2tig..+1]
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace fdm {
+
+// Tile shapes for one tile head dim (the head dim rounded up to a compiled size).
+template <int kHeadDim_>
+struct FwdTile {
+    static constexpr int kHeadDim = kHeadDim_;                  // D of the tile (>= the real D)
+    static constexpr int kWarps = 4;
+    static constexpr int kThreads = 32 * kWarps;
+    static constexpr int kBlockM = 16 * kWarps;                 // queries per CTA, 16 rows per warp
+    static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;   // keys per K/V tile
+    static constexpr int kRowStride = kHeadDim + 8;             // shared row pitch (elements): +16 bytes
+                                                                // puts 8 consecutive rows in 8 distinct
+                                                                // bank groups, so ldmatrix is conflict-free
+    static constexpr int kChunksPerRow = kHeadDim / 8;          // 16-byte chunks per row
+    static constexpr int kStages = 2;                           // K/V double buffer
+
+    // Shared memory, in this order (all 16-byte aligned):
+    //   q_s      (kBlockM, kRowStride)                  Q tile
+    //   k_s      (kStages, kBlockN, kRowStride)         K tiles
+    //   v_s      (kStages, kBlockN, kRowStride)         V tiles
+    //   kbias_s  (kStages, kBlockN) float               key-based bias of the tile
+    //   kmask_s  (kStages, kBlockN) uint8               key-based mask of the tile (1 = keep)
+    static constexpr int kQElems = kBlockM * kRowStride;
+    static constexpr int kKVElems = kBlockN * kRowStride;
+    static constexpr int kSmemBytes =
+        2 * (kQElems + 2 * kStages * kKVElems) + kStages * kBlockN * (int)(sizeof(float) + 1);
+};
+
+// Tile head dim serving a real head dim (multiple of 8, <= 256); 0 when none does.
+inline int tile_head_dim(int64_t d) {
+    if (d <= 0 || d % 8 != 0) return 0;
+    const int sizes[] = {32, 64, 96, 128, 192, 256};
+    for (int s : sizes)
+        if (d <= s) return s;
+    return 0;
+}
+
+__device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous copy; when !valid the 16 shared bytes are zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src, bool valid) {
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Copies rows [0, kRows) of a (rows, head_dim) global matrix (row pitch g_row_stride elements)
+// into a (kRows, kRowStride) shared tile. Rows >= valid_rows and columns >= head_dim become 0,
+// so padded keys contribute 0 * 0 and never NaN.
+template <class Tile, int kRows, class T>
+__device__ __forceinline__ void load_tile_async(T *s_tile, const T *g_tile, int64_t g_row_stride, int valid_rows,
+                                                int head_dim) {
+    constexpr int kChunks = kRows * Tile::kChunksPerRow;
+    static_assert(kChunks % Tile::kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int it = 0; it < kChunks / Tile::kThreads; ++it) {
+        const int c = threadIdx.x + it * Tile::kThreads;
+        const int row = c / Tile::kChunksPerRow, col = (c % Tile::kChunksPerRow) * 8;
+        const bool valid = row < valid_rows && col < head_dim;
+        const T *src = valid ? g_tile + row * g_row_stride + col : g_tile;
+        cp_async_16(smem_addr(s_tile + row * Tile::kRowStride + col), src, valid);
+    }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// C += A B for one m16n8k16 tile, float accumulators.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to one 32-bit register of T pairs (lo = a, hi = b).
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+}  // namespace fdm

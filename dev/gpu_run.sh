@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (the device tool's H100): clean build with all cores, the test suite
+# on CUDA and CPU, compute-sanitizer memcheck on a small set of calls, the benchmark, and a short
+# summary table last. Logs go to $OUT (default /tmp/fdm_out).
+#
+#   bash dev/gpu_run.sh            # everything
+#   SKIP_BENCH=1 bash dev/gpu_run.sh
+#   PYTEST_ARGS="tests/test_cuda.py -x" bash dev/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fdm_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+summary=()
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
+
+# 1. Clean build (timed).
+rm -rf build flash_dmattn/_C*.so
+t0=$(date +%s)
+if FLASH_DMATTN_BUILD=cuda python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    summary+=("build      ok in $(( $(date +%s) - t0 )) s (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)")
+else
+    tail -40 "$OUT/build.log"
+    echo "BUILD FAILED"
+    exit 1
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# 2. Tests (CUDA and CPU cases).
+python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} >"$OUT/pytest.log" 2>&1
+rc=$?
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30
+summary+=("pytest     $(tail -1 "$OUT/pytest.log") (exit $rc)")
+
+# 3. compute-sanitizer memcheck on a small set of calls (every layout, causal, edges).
+if [ -z "${SKIP_SANITIZER:-}" ]; then
+    compute-sanitizer --tool memcheck --error-exitcode 7 python3 dev/sanitize_cases.py >"$OUT/sanitizer.log" 2>&1
+    src=$?
+    summary+=("sanitizer  $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1) (exit $src)")
+fi
+
+# 4. Benchmark.
+if [ -z "${SKIP_BENCH:-}" ]; then
+    python3 benchmarks/bench_varlen.py --device cuda --suite all --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1
+    summary+=("benchmark  exit $? (table in bench.md)")
+    cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+fi
+
+echo
+echo "==== summary ($(head -1 "$OUT/gpu.txt"))"
+printf '%s\n' "${summary[@]}"

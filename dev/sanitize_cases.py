@@ -1,0 +1,68 @@
+"""A small set of CUDA calls for `compute-sanitizer --tool memcheck`: every mask/bias layout and
+head variant, causal, GQA, empty and fully masked sequences, lengths off the tile edges, each
+head dim tile. Each call is also checked against a float64 reference (exits 1 on a mismatch)."""
+
+import math
+import sys
+
+import torch
+
+import flash_dmattn
+
+sys.path.insert(0, "tests")
+from reference import attention_reference  # noqa: E402
+
+
+def operand(kind, heads, total_q, total_k, max_k, dtype, is_mask):
+    if kind is None:
+        return None
+    shape = (total_k, heads) if kind == "key" else (total_q, heads, max_k)
+    if is_mask:
+        return torch.rand(shape, device="cuda") < 0.7
+    return torch.randn(shape, device="cuda", dtype=dtype)
+
+
+def run_case(lens, H, H_k, D, dtype, mask_kind, mask_heads, bias_kind, bias_heads, causal):
+    cu_q = torch.tensor([0] + [q for q, _ in lens], device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + [k for _, k in lens], device="cuda").cumsum(0).to(torch.int32)
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    max_q, max_k = max(q for q, _ in lens), max(k for _, k in lens)
+    q = torch.randn(total_q, H, D, device="cuda", dtype=dtype)
+    k = torch.randn(total_k, H_k, D, device="cuda", dtype=dtype)
+    v = torch.randn(total_k, H_k, D, device="cuda", dtype=dtype)
+    mask = operand(mask_kind, mask_heads, total_q, total_k, max_k, dtype, True)
+    bias = operand(bias_kind, bias_heads, total_q, total_k, max_k, dtype, False)
+    out, lse = flash_dmattn.flash_dmattn_varlen_func(
+        q, k, v, attn_mask=mask, attn_bias=bias, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+        max_seqlen_k=max_k, is_causal=causal, return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, cu_q, cu_k, attn_mask=mask, attn_bias=bias,
+                                       scale=1 / math.sqrt(D), is_causal=causal)
+    err = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
+    finite = torch.isfinite(ref_lse)
+    ok = (not out.isnan().any()) and err < 0.05 and torch.equal(finite, torch.isfinite(lse))
+    return ok, err
+
+
+def main():
+    lens = [(1, 65), (0, 7), (63, 129), (17, 0), (130, 64)]
+    cases = []
+    for mask_kind in (None, "key", "query"):
+        for bias_kind in (None, "key", "query"):
+            cases.append((lens, 8, 2, 64, torch.bfloat16, mask_kind, 2, bias_kind, 8, True))
+    for heads in (1, 2, 8):
+        cases.append((lens, 8, 2, 96, torch.float16, "key", heads, "query", heads, False))
+    for D in (32, 80, 128, 192, 256):
+        cases.append(([(70, 200), (5, 300)], 4, 1, D, torch.bfloat16, "key", 1, "key", 4, True))
+    failures = 0
+    for case in cases:
+        ok, err = run_case(*case)
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} D={case[3]} {case[4]} mask={case[5]}/{case[6]} "
+              f"bias={case[7]}/{case[8]} causal={case[9]} max_err={err:.2e}")
+    torch.cuda.synchronize()
+    print(f"{len(cases) - failures} passed, {failures} failed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
