@@ -28,13 +28,13 @@ def want_cuda() -> bool:
 
 def extension():
     sources = ["csrc/binding.cpp", "csrc/cpu/fdm_cpu.c"]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++17 or C++20)
     if not want_cuda():
         return cpp_extension.CppExtension("flash_dmattn._C", sources, extra_compile_args={"cxx": cxx_flags})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += ["csrc/kernels/fdm_launch.cu"]
     sources += sorted(glob.glob("csrc/kernels/instantiations/*.cu", root_dir=HERE))
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return cpp_extension.CUDAExtension(

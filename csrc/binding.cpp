@@ -125,10 +125,13 @@ fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_
     o.stride_q = o.stride_k = o.stride_kv_head = o.stride_group = 0;
     if (!opt.has_value()) return o;
     const Tensor &t = *opt;
-    const std::string accepted = c10::str("accepted: key-based (total_k=", s.total_k, ", h') or query-based (total_q=",
-                                          s.total_q, ", h', Kq >= max_seqlen_k=", max_seqlen_k, ") with h' in {1, ",
-                                          s.heads_k, ", ", s.heads, "}");
-    FDM_CHECK(t.dim() == 2 || t.dim() == 3, name, " has shape ", shape_str(t), "; ", accepted);
+    // The accepted shapes, formatted only when a check fails.
+    const auto accepted = [&] {
+        return c10::str("accepted: key-based (total_k=", s.total_k, ", h') or query-based (total_q=", s.total_q,
+                        ", h', Kq >= max_seqlen_k=", max_seqlen_k, ") with h' in {1, ", s.heads_k, ", ", s.heads,
+                        "}");
+    };
+    FDM_CHECK(t.dim() == 2 || t.dim() == 3, name, " has shape ", shape_str(t), "; ", accepted());
     FDM_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but query is on ", q.device());
     const auto dt = t.scalar_type();
     if (is_mask) {
@@ -141,15 +144,15 @@ fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_
     const int64_t rows = t.size(0), hp = t.size(1);
     if (t.dim() == 2) {
         FDM_CHECK(rows == s.total_k, name, " is 2-D (key-based) with ", rows, " rows but total_k is ", s.total_k,
-                  "; ", accepted);
+                  "; ", accepted());
     } else {
         FDM_CHECK(rows == s.total_q, name, " is 3-D (query-based) with ", rows, " rows but total_q is ",
-                  s.total_q, "; ", accepted);
+                  s.total_q, "; ", accepted());
         FDM_CHECK(t.size(2) >= max_seqlen_k, name, " has Kq=", t.size(2), " keys per row, less than max_seqlen_k=",
-                  max_seqlen_k, "; ", accepted);
+                  max_seqlen_k, "; ", accepted());
     }
     FDM_CHECK(hp == 1 || hp == s.heads_k || hp == s.heads, name, " has ", hp, " heads in shape ", shape_str(t),
-              "; ", accepted);
+              "; ", accepted());
 
     o.ptr = t.data_ptr();
     switch (dt) {

@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fdm_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+# The device image's Python names a g++ wrapper (/opt/gcc) whose inline iostream code crashed
+# against the loaded libstdc++ (a segfault in every error message); build with the system compiler.
+export CC=${CC:-gcc} CXX=${CXX:-g++} LDSHARED=${LDSHARED:-"g++ -shared"}
 summary=()
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
