@@ -21,7 +21,7 @@
 #include "fdm_params.h"
 
 #ifdef FDM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "kernels/fdm_cuda.h"
@@ -299,7 +299,7 @@ std::tuple<Tensor, Tensor> mha_varlen_fwd_cuda(const Tensor &q_in, const Tensor 
     p.v_row_stride = v.stride(0);
     p.v_head_stride = v.stride(1);
     auto outputs = alloc_outputs(q, p);
-    const int st = fdm_cuda_forward(&p, at::cuda::getCurrentCUDAStream());
+    const int st = fdm_cuda_forward(&p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(st == FDM_OK, "flash_dmattn: CUDA forward failed: ", fdm_status_string(st),
                 st == FDM_ERR_CUDA ? c10::str(" (", cudaGetErrorString(cudaGetLastError()), ")") : std::string());
     return outputs;

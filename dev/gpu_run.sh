@@ -5,15 +5,15 @@
 #
 #   bash dev/gpu_run.sh            # everything
 #   SKIP_BENCH=1 bash dev/gpu_run.sh
-#   PYTEST_ARGS="tests/test_cuda.py -x" bash dev/gpu_run.sh
+#   PYTEST_ARGS="-k cuda tests" SKIP_SANITIZER=1 FDM_ARCH_LIST=9.0 bash dev/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fdm_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
-# The device image's Python names a g++ wrapper (/opt/gcc) whose inline iostream code crashed
-# against the loaded libstdc++ (a segfault in every error message); build with the system compiler.
-export CC=${CC:-gcc} CXX=${CXX:-g++} LDSHARED=${LDSHARED:-"g++ -shared"}
+# The device image presets TORCH_CUDA_ARCH_LIST (9.0a) and a g++ wrapper (/opt/gcc) whose inline
+# iostream code crashed against the loaded libstdc++ (a segfault in every error message): set both.
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${FDM_ARCH_LIST:-"8.0;9.0"}
+export CC=gcc CXX=g++ LDSHARED="g++ -shared"
 summary=()
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -32,10 +32,10 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. Tests (CUDA and CPU cases).
-python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} >"$OUT/pytest.log" 2>&1
+python3 -m pytest -p no:cacheprovider ${PYTEST_ARGS:-tests} >"$OUT/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30
-summary+=("pytest     $(tail -1 "$OUT/pytest.log") (exit $rc)")
+summary+=("pytest     $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1) (exit $rc)")
 
 # 3. compute-sanitizer memcheck on a small set of calls (every layout, causal, edges).
 if [ -z "${SKIP_SANITIZER:-}" ]; then
@@ -46,7 +46,7 @@ fi
 
 # 4. Benchmark.
 if [ -z "${SKIP_BENCH:-}" ]; then
-    python3 benchmarks/bench_varlen.py --device cuda --suite all --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1
+    python3 benchmarks/bench_varlen.py --device cuda --suite all ${BENCH_ARGS:-} --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1
     summary+=("benchmark  exit $? (table in bench.md)")
     cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 fi

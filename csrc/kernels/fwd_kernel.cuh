@@ -82,6 +82,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int gid = lane / 4, tig = lane % 4;
     const int warp_row0 = warp * 16;  // first row of this warp inside the block
+    const bool warp_has_rows = warp_row0 < valid_rows;  // else it only helps with loads (decode)
+    const RowInfo rows = make_row_info(ctx, warp_row0 + gid);
 
     float acc_o[kDTiles][4];  // O, rows (gid, gid + 8), columns 8d + 2tig + {0, 1}
 #pragma unroll
@@ -101,58 +103,50 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
             cp_async_wait<0>();
         }
         __syncthreads();
-        const T *k_tile = k_s + stage * Tile::kKVElems;
-        const T *v_tile = v_s + stage * Tile::kKVElems;
+        if (warp_has_rows) {
+            const T *k_tile = k_s + stage * Tile::kKVElems;
+            const T *v_tile = v_s + stage * Tile::kKVElems;
 
-        // S = Q K^T: (16, kBlockN) per warp.
-        float s[kNTiles][4];
+            // S = Q K^T: (16, kBlockN) per warp.
+            float s[kNTiles][4];
 #pragma unroll
-        for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+            for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-            uint32_t a[4];
-            ldmatrix_x4(a, smem_addr(q_s + (warp_row0 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
+            for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+                uint32_t a[4];
+                ldmatrix_x4(a, smem_addr(q_s + (warp_row0 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
 #pragma unroll
-            for (int nn = 0; nn < kBlockN / 16; ++nn) {
-                const int mi = lane / 8;
-                uint32_t bk[4];
-                ldmatrix_x4(bk, smem_addr(k_tile + (nn * 16 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 +
-                                          (mi % 2) * 8));
-                mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
-                mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
+                for (int nn = 0; nn < kBlockN / 16; ++nn) {
+                    const int mi = lane / 8;
+                    uint32_t bk[4];
+                    ldmatrix_x4(bk, smem_addr(k_tile + (nn * 16 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 +
+                                              (mi % 2) * 8));
+                    mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
+                    mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
+                }
             }
-        }
 
-        // X = transform(S) in the log2 domain.
-        const uint8_t *kmask_tile = kmask_s + stage * kBlockN;
-        const float *kbias_tile = kbias_s + stage * kBlockN;
-#pragma unroll
-        for (int t = 0; t < kNTiles; ++t) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = warp_row0 + gid + (e / 2) * 8, col = t * 8 + 2 * tig + (e % 2);
-                s[t][e] = kLog2e * transform_score(p, ctx, s[t][e], ctx.m0 + row, int64_t(n) * kBlockN + col, col,
-                                                   kmask_tile, kbias_tile);
-            }
-        }
-        softmax.update(s, acc_o);
+            // X = transform(S) in the log2 domain.
+            transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, kmask_s + stage * kBlockN, kbias_s + stage * kBlockN);
+            softmax.update(s, acc_o);
 
-        // O += P V: P (16, kBlockN) as A fragments straight from the S accumulators.
+            // O += P V: P (16, kBlockN) as A fragments straight from the S accumulators.
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            uint32_t a[4];
-            a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                uint32_t a[4];
+                a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+                a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+                a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-            for (int dd = 0; dd < kHeadDim / 16; ++dd) {
-                const int mi = lane / 8;
-                uint32_t bv[4];
-                ldmatrix_x4_trans(bv, smem_addr(v_tile + (kk * 16 + lane % 8 + (mi % 2) * 8) * kStride + dd * 16 +
-                                                (mi / 2) * 8));
-                mma_16816<T>(acc_o[2 * dd], a, bv[0], bv[1]);
-                mma_16816<T>(acc_o[2 * dd + 1], a, bv[2], bv[3]);
+                for (int dd = 0; dd < kHeadDim / 16; ++dd) {
+                    const int mi = lane / 8;
+                    uint32_t bv[4];
+                    ldmatrix_x4_trans(bv, smem_addr(v_tile + (kk * 16 + lane % 8 + (mi % 2) * 8) * kStride + dd * 16 +
+                                                    (mi / 2) * 8));
+                    mma_16816<T>(acc_o[2 * dd], a, bv[0], bv[1]);
+                    mma_16816<T>(acc_o[2 * dd + 1], a, bv[2], bv[3]);
+                }
             }
         }
         __syncthreads();  // every warp is done with `stage` before it is refilled
