@@ -236,6 +236,7 @@ fdm_params validate_and_describe(const Tensor &q, const Tensor &k, const Tensor 
     p.is_causal = is_causal ? 1 : 0;
     p.mask = make_operand(attn_mask, "attn_mask", true, q, s, max_seqlen_k);
     p.bias = make_operand(attn_bias, "attn_bias", false, q, s, max_seqlen_k);
+    p.workspace = nullptr;
     return p;
 }
 
@@ -299,6 +300,13 @@ std::tuple<Tensor, Tensor> mha_varlen_fwd_cuda(const Tensor &q_in, const Tensor 
     p.v_row_stride = v.stride(0);
     p.v_head_stride = v.stride(1);
     auto outputs = alloc_outputs(q, p);
+    // Split-KV scratch (a few MB at most), from torch's caching allocator on the current stream.
+    const size_t workspace_bytes = fdm_cuda_workspace_size(&p);
+    Tensor workspace;
+    if (workspace_bytes > 0) {
+        workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
+        p.workspace = workspace.data_ptr();
+    }
     const int st = fdm_cuda_forward(&p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(st == FDM_OK, "flash_dmattn: CUDA forward failed: ", fdm_status_string(st),
                 st == FDM_ERR_CUDA ? c10::str(" (", cudaGetErrorString(cudaGetLastError()), ")") : std::string());

@@ -99,6 +99,10 @@ typedef struct {
 
     fdm_operand mask;       /* ptr NULL: every key visible */
     fdm_operand bias;       /* ptr NULL: no bias */
+
+    /* CUDA only: scratch of fdm_cuda_workspace_size(p) bytes for split-KV partial results,
+     * allocated by the caller; NULL when that size is 0. */
+    void *workspace;
 } fdm_params;
 
 /* Status codes of the C entry points; fdm_status_string names them. */
@@ -108,7 +112,8 @@ typedef enum {
     FDM_ERR_HEAD_DIM = 2,       /* head dim not compiled for this backend */
     FDM_ERR_GRID = 3,           /* problem too large for one launch */
     FDM_ERR_OUT_OF_MEMORY = 4,  /* scratch allocation failed */
-    FDM_ERR_CUDA = 5            /* a CUDA runtime call failed (see cudaGetLastError) */
+    FDM_ERR_CUDA = 5,           /* a CUDA runtime call failed (see cudaGetLastError) */
+    FDM_ERR_WORKSPACE = 6       /* the planned split-KV needs p->workspace, which is NULL */
 } fdm_status;
 
 FDM_HOST_DEVICE const char *fdm_status_string(int status) {
@@ -119,6 +124,7 @@ FDM_HOST_DEVICE const char *fdm_status_string(int status) {
         case FDM_ERR_GRID: return "problem too large for one kernel launch";
         case FDM_ERR_OUT_OF_MEMORY: return "out of memory for scratch buffers";
         case FDM_ERR_CUDA: return "CUDA runtime error";
+        case FDM_ERR_WORKSPACE: return "missing workspace for split-KV";
         default: return "unknown error";
     }
 }

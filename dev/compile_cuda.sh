@@ -18,6 +18,6 @@ compile() {  # $1 = source
 }
 export -f compile
 export NVCC out
-ls csrc/kernels/fdm_launch.cu csrc/kernels/instantiations/*.cu |
+ls csrc/kernels/*.cu csrc/kernels/instantiations/*.cu |
     xargs -P "$(nproc)" -I{} bash -c 'compile {} && echo "nvcc sm_80+sm_90 ok: {}"'
 echo "all CUDA translation units compiled"

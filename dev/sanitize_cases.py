@@ -53,6 +53,10 @@ def main():
         cases.append((lens, 8, 2, 96, torch.float16, "key", heads, "query", heads, False))
     for D in (32, 80, 128, 192, 256):
         cases.append(([(70, 200), (5, 300)], 4, 1, D, torch.bfloat16, "key", 1, "key", 4, True))
+    # Decode shapes: packed GQA (h' != H) and split-KV (few CTAs, many keys), with and without packing.
+    cases.append(([(1, 3001), (3, 1500), (0, 900), (2, 0)], 8, 2, 128, torch.bfloat16, "key", 2, "key", 1, True))
+    cases.append(([(2, 2049)], 8, 2, 64, torch.float16, "query", 8, "query", 1, False))
+    cases.append(([(4, 2500), (1, 700)], 8, 2, 256, torch.bfloat16, "key", 8, "key", 8, True))
     failures = 0
     for case in cases:
         ok, err = run_case(*case)

@@ -9,6 +9,7 @@
 #define FDM_CUDA_H
 
 #include <cuda_runtime.h>
+#include <stddef.h>
 
 #include "../fdm_params.h"
 
@@ -18,6 +19,11 @@ extern "C" {
 
 /* The largest head dim the CUDA kernels serve; head dims must be multiples of 8. */
 #define FDM_CUDA_MAX_HEAD_DIM 256
+
+/* Bytes of scratch the forward of p needs on the current device (split-KV partial results, planned
+ * from the sizes alone, no device data read); 0 when it needs none. The caller allocates them
+ * and sets p->workspace before fdm_cuda_forward. */
+size_t fdm_cuda_workspace_size(const fdm_params *p);
 
 /* Launches the forward on `stream`. Returns FDM_OK or an fdm_status error. */
 int fdm_cuda_forward(const fdm_params *p, cudaStream_t stream);

@@ -1,33 +1,57 @@
-// fdm_launch.cu: the plain-C entry point of the CUDA forward. Picks the instantiation
-// (dtype x tile head dim: the head dim rounded up to 32, 64, 96, 128, 192 or 256).
+// fdm_launch.cu: the plain-C entry points of the CUDA forward. Plans the launch (launch_plan.h),
+// picks the instantiation (dtype x tile head dim: the head dim rounded up to 32, 64, 96, 128, 192
+// or 256), launches it and, with split-KV, the combine kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "fdm_cuda.h"
 #include "fwd_launch.h"
+#include "launch_plan.h"
 #include "tiles.cuh"
 
 namespace {
 
+int num_sms() {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+        return 0;  // unknown: the plan then never splits
+    return sms;
+}
+
+fdm::FwdPlan plan_for(const fdm_params &p) {
+    return fdm::make_plan(p, fdm::kFwdBlockM, fdm::fwd_block_n(fdm::tile_head_dim(p.head_dim)), num_sms());
+}
+
 template <class T>
-int dispatch_head_dim(const fdm_params &p, cudaStream_t stream) {
+int forward(const fdm_params &p, cudaStream_t stream) {
+    const fdm::FwdPlan plan = plan_for(p);
+    if (plan.num_splits > 1 && p.workspace == nullptr) return FDM_ERR_WORKSPACE;
+    int status = FDM_ERR_HEAD_DIM;
     switch (fdm::tile_head_dim(p.head_dim)) {
-        case 32: return fdm::run_fwd<T, 32>(p, stream);
-        case 64: return fdm::run_fwd<T, 64>(p, stream);
-        case 96: return fdm::run_fwd<T, 96>(p, stream);
-        case 128: return fdm::run_fwd<T, 128>(p, stream);
-        case 192: return fdm::run_fwd<T, 192>(p, stream);
-        case 256: return fdm::run_fwd<T, 256>(p, stream);
-        default: return FDM_ERR_HEAD_DIM;
+        case 32: status = fdm::run_fwd<T, 32>(p, plan, stream); break;
+        case 64: status = fdm::run_fwd<T, 64>(p, plan, stream); break;
+        case 96: status = fdm::run_fwd<T, 96>(p, plan, stream); break;
+        case 128: status = fdm::run_fwd<T, 128>(p, plan, stream); break;
+        case 192: status = fdm::run_fwd<T, 192>(p, plan, stream); break;
+        case 256: status = fdm::run_fwd<T, 256>(p, plan, stream); break;
+        default: break;
     }
+    if (status == FDM_OK && plan.num_splits > 1) status = fdm::run_combine<T>(p, plan.num_splits, stream);
+    return status;
 }
 
 }  // namespace
 
+extern "C" size_t fdm_cuda_workspace_size(const fdm_params *p) {
+    if (fdm::tile_head_dim(p->head_dim) == 0) return 0;
+    return fdm::workspace_bytes(*p, plan_for(*p));
+}
+
 extern "C" int fdm_cuda_forward(const fdm_params *p, cudaStream_t stream) {
     switch (p->dtype) {
-        case FDM_F16: return dispatch_head_dim<__half>(*p, stream);
-        case FDM_BF16: return dispatch_head_dim<__nv_bfloat16>(*p, stream);
+        case FDM_F16: return forward<__half>(*p, stream);
+        case FDM_BF16: return forward<__nv_bfloat16>(*p, stream);
         default: return FDM_ERR_DTYPE;
     }
 }

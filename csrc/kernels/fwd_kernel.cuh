@@ -1,16 +1,20 @@
 // fwd_kernel.cuh: the varlen attention forward kernel (SPEC.md section 1) on tensor cores.
 //
-// One CTA computes one (query block of kBlockM queries, query head h, sequence b); each of its
-// 4 warps owns 16 query rows. For every visible key tile n (kBlockN keys):
+// One CTA computes one (row block of kBlockM rows, head block, sequence b, key range); each of its
+// 4 warps owns 16 rows. A row is one (query, head) pair: with packed GQA (launch_plan.h) the
+// P heads of a KV group share a CTA, so row R is query R / P of head h0 + R % P; without it P = 1.
+// For every visible key tile n (kBlockN keys) of the CTA's key range:
 //   S = Q K_n^T                     mma.sync, Q and K from shared memory (ldmatrix)
 //   X = transform(S) * log2 e       scale, softcap, bias, mask, causal, length (masking.cuh)
 //   P = online_softmax(X)           registers (softmax.cuh)
 //   O += P V_n                      mma.sync, P from registers, V via ldmatrix.trans
 // K/V tiles are double-buffered with cp.async: tile n+1 is in flight while tile n is computed.
-// Key tiles whose mask hides every pair are never loaded (prepare_key_tile).
+// Key tiles whose mask hides every pair are never loaded (prepare_key_tile). With split-KV the
+// CTA writes its normalized partial O and lse to the workspace for the combine kernel.
 #pragma once
 
 #include "../fdm_params.h"
+#include "launch_plan.h"
 #include "masking.cuh"
 #include "softmax.cuh"
 #include "tiles.cuh"
@@ -19,33 +23,44 @@ namespace fdm {
 
 template <class T, int kHeadDim>
 __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
-    fwd_kernel(const __grid_constant__ fdm_params p, int num_m_blocks) {
+    fwd_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan) {
     using Tile = FwdTile<kHeadDim>;
     constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kStride = Tile::kRowStride;
     constexpr int kNTiles = kBlockN / 8;   // 8-key MMA tiles of S per warp
     constexpr int kDTiles = kHeadDim / 8;  // 8-column MMA tiles of O per warp
 
-    // blockIdx.x = ((b * H) + h) * num_m_blocks + m_block: neighbouring CTAs share K/V in L2.
-    const int m_block = blockIdx.x % num_m_blocks;
-    const int64_t bh = blockIdx.x / num_m_blocks;
-    const int h = static_cast<int>(bh % p.num_heads);
-    const int64_t b = bh / p.num_heads;
+    // blockIdx.x = ((b * head_blocks + head_block) * num_m_blocks + m_block) * num_splits + split:
+    // neighbouring CTAs share K/V in L2.
+    int64_t idx = blockIdx.x;
+    const int split = static_cast<int>(idx % plan.num_splits);
+    idx /= plan.num_splits;
+    const int m_block = static_cast<int>(idx % plan.num_m_blocks);
+    idx /= plan.num_m_blocks;
+    const int P = plan.heads_per_cta;
+    const int64_t head_blocks = p.num_heads / P;
+    const int64_t h0 = (idx % head_blocks) * P;  // first query head of the CTA
+    const int64_t b = idx / head_blocks;
     const int64_t group = p.num_heads / p.num_heads_k;
 
     MaskContext ctx;
     ctx.seq = fdm_seq_of(&p, b);
     ctx.seq.len_k = min_i64(ctx.seq.len_k, p.max_seqlen_k);  // query-based rows hold max_seqlen_k keys at most
-    ctx.hk = h / group;
-    ctx.g = h % group;
+    ctx.hk = h0 / group;
+    ctx.g = h0 % group;
+    ctx.heads_per_cta = P;
     ctx.m0 = m_block * kBlockM;
     ctx.is_causal = p.is_causal;
-    if (ctx.m0 >= ctx.seq.len_q) return;
-    const int valid_rows = static_cast<int>(min_i64(kBlockM, ctx.seq.len_q - ctx.m0));
+    if (ctx.m0 >= ctx.seq.len_q * P) return;
+    const int valid_rows = static_cast<int>(min_i64(kBlockM, ctx.seq.len_q * P - ctx.m0));
 
-    // Keys past the causal limit of the block's last query are never visited.
+    // Keys past the causal limit of the block's last query are never visited; this CTA's key range
+    // is tiles [n_begin, n_stop).
     int64_t key_end = ctx.seq.len_k;
-    if (p.is_causal) key_end = min_i64(key_end, fdm_causal_last_key(&ctx.seq, ctx.m0 + valid_rows - 1) + 1);
+    if (p.is_causal)
+        key_end = min_i64(key_end, fdm_causal_last_key(&ctx.seq, (ctx.m0 + valid_rows - 1) / P) + 1);
     const int num_n_tiles = key_end > 0 ? static_cast<int>((key_end + kBlockN - 1) / kBlockN) : 0;
+    const int n_begin = split * plan.tiles_per_split;
+    const int n_stop = static_cast<int>(min_i64(num_n_tiles, n_begin + plan.tiles_per_split));
 
     extern __shared__ __align__(16) unsigned char smem[];
     T *q_s = reinterpret_cast<T *>(smem);                           // (kBlockM, kStride)
@@ -54,17 +69,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     float *kbias_s = reinterpret_cast<float *>(v_s + Tile::kStages * Tile::kKVElems);  // (kStages, kBlockN)
     uint8_t *kmask_s = reinterpret_cast<uint8_t *>(kbias_s + Tile::kStages * kBlockN);  // (kStages, kBlockN)
 
-    const T *q_g = static_cast<const T *>(p.q) + (ctx.seq.q_start + ctx.m0) * p.q_row_stride + h * p.q_head_stride;
+    const T *q_g = static_cast<const T *>(p.q) + ctx.seq.q_start * p.q_row_stride + h0 * p.q_head_stride;
     const T *k_g = static_cast<const T *>(p.k) + ctx.seq.k_start * p.k_row_stride + ctx.hk * p.k_head_stride;
     const T *v_g = static_cast<const T *>(p.v) + ctx.seq.k_start * p.v_row_stride + ctx.hk * p.v_head_stride;
     const int head_dim = static_cast<int>(p.head_dim);
 
-    load_tile_async<Tile, kBlockM>(q_s, q_g, p.q_row_stride, valid_rows, head_dim);
+    load_packed_rows_async<Tile, kBlockM>(q_s, q_g, ctx.m0, P, p.q_row_stride, p.q_head_stride, valid_rows,
+                                          head_dim);
     cp_async_commit();
 
     // Finds the first visible key tile at or after n, staging its key-based mask/bias in `stage`.
     auto next_visible = [&](int n, int stage) {
-        while (n < num_n_tiles &&
+        while (n < n_stop &&
                !prepare_key_tile<Tile>(p, ctx, n, kmask_s + stage * kBlockN, kbias_s + stage * kBlockN))
             ++n;
         return n;
@@ -91,12 +107,12 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     OnlineSoftmax<kNTiles, kDTiles> softmax;
 
     int stage = 0;
-    int n = next_visible(0, stage);
-    if (n < num_n_tiles) load_kv_async(n, stage);
+    int n = next_visible(n_begin, stage);
+    if (n < n_stop) load_kv_async(n, stage);
 
-    while (n < num_n_tiles) {
+    while (n < n_stop) {
         const int n_next = next_visible(n + 1, stage ^ 1);
-        if (n_next < num_n_tiles) {
+        if (n_next < n_stop) {
             load_kv_async(n_next, stage ^ 1);
             cp_async_wait<1>();
         } else {
@@ -155,22 +171,36 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     }
     cp_async_wait<0>();  // the Q copy, when no key tile was visible
 
-    // out = O / l, lse = ln l + m; rows past the sequence are not written.
+    // out = O / l, lse = ln l + m; rows past the sequence are not written. With split-KV this
+    // CTA's partial goes to the workspace: o_partial (splits, total_q, H, D), lse_partial (splits, H, total_q).
     float lse[2];
     softmax.finalize(acc_o, lse);
-    T *out_g = static_cast<T *>(p.out) + (ctx.seq.q_start + ctx.m0) * p.out_row_stride + h * p.out_head_stride;
+    float *o_partial = static_cast<float *>(p.workspace);
+    float *lse_partial = o_partial + static_cast<int64_t>(plan.num_splits) * p.total_q * p.num_heads * head_dim;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = warp_row0 + gid + r * 8;
         if (row >= valid_rows) continue;
+        const int packed = ctx.m0 + row;
+        const int64_t q_row = ctx.seq.q_start + packed / P, h = h0 + packed % P;
+        if (plan.num_splits == 1) {
+            T *out_row = static_cast<T *>(p.out) + q_row * p.out_row_stride + h * p.out_head_stride;
 #pragma unroll
-        for (int d = 0; d < kDTiles; ++d) {
-            const int col = d * 8 + 2 * tig;
-            if (col < head_dim)
-                *reinterpret_cast<uint32_t *>(out_g + row * p.out_row_stride + col) =
-                    pack2<T>(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+            for (int d = 0; d < kDTiles; ++d) {
+                const int col = d * 8 + 2 * tig;
+                if (col < head_dim)
+                    *reinterpret_cast<uint32_t *>(out_row + col) = pack2<T>(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+            }
+            if (tig == 0) p.lse[h * p.lse_head_stride + q_row] = lse[r];
+        } else {
+            float *o_row = o_partial + ((split * p.total_q + q_row) * p.num_heads + h) * head_dim;
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d) {
+                const int col = d * 8 + 2 * tig;
+                if (col < head_dim) *reinterpret_cast<float2 *>(o_row + col) = make_float2(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+            }
+            if (tig == 0) lse_partial[(split * p.num_heads + h) * p.total_q + q_row] = lse[r];
         }
-        if (tig == 0) p.lse[h * p.lse_head_stride + ctx.seq.q_start + ctx.m0 + row] = lse[r];
     }
 }
 

@@ -1,15 +1,20 @@
-// fwd_launch.h: the per-instantiation entry point the launcher dispatches to.
+// fwd_launch.h: the per-instantiation entry point the launcher dispatches to, and the combine step.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "../fdm_params.h"
+#include "launch_plan.h"
 
 namespace fdm {
 
-// Launches fwd_kernel<T, kHeadDim> on `stream`; returns an fdm_status. Defined in
-// fwd_launch_template.cuh and instantiated once per (T, kHeadDim) in instantiations/.
+// Launches fwd_kernel<T, kHeadDim> over the plan's grid on `stream`; returns an fdm_status.
+// Defined in fwd_launch_template.cuh, instantiated once per (T, kHeadDim) in instantiations/.
 template <class T, int kHeadDim>
-int run_fwd(const fdm_params &p, cudaStream_t stream);
+int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
+
+// Merges the num_splits partial results in p.workspace into out and lse (combine.cu).
+template <class T>
+int run_combine(const fdm_params &p, int num_splits, cudaStream_t stream);
 
 }  // namespace fdm

@@ -7,19 +7,18 @@
 namespace fdm {
 
 template <class T, int kHeadDim>
-int run_fwd(const fdm_params &p, cudaStream_t stream) {
+int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
     using Tile = FwdTile<kHeadDim>;
-    // One CTA per (query block, head, sequence); blocks past a sequence's end return at once.
-    const int64_t num_m_blocks = (p.max_seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM;
-    const int64_t num_ctas = num_m_blocks * p.num_heads * p.batch;
+    // One CTA per (key range, row block, head block, sequence); blocks past a sequence's end return at once.
+    const int64_t num_ctas = static_cast<int64_t>(plan.num_splits) * plan.num_m_blocks *
+                             (p.num_heads / plan.heads_per_cta) * p.batch;
     if (num_ctas == 0) return FDM_OK;
     if (num_ctas > 0x7fffffffLL) return FDM_ERR_GRID;
 
     auto kernel = fwd_kernel<T, kHeadDim>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes) != cudaSuccess)
         return FDM_ERR_CUDA;
-    kernel<<<static_cast<unsigned>(num_ctas), Tile::kThreads, Tile::kSmemBytes, stream>>>(
-        p, static_cast<int>(num_m_blocks));
+    kernel<<<static_cast<unsigned>(num_ctas), Tile::kThreads, Tile::kSmemBytes, stream>>>(p, plan);
     return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
 }
 

@@ -36,15 +36,17 @@ __device__ __forceinline__ float bias_value(const fdm_operand &b, int64_t offset
 // What one CTA knows about its (sequence, head, query block) for masking. Local indices fit in
 // int: cu_seqlens are int32.
 struct MaskContext {
-    fdm_seq seq;       // varlen bounds of the sequence (len_k clamped to max_seqlen_k)
-    int64_t hk, g;     // KV head and index inside the GQA group of the CTA's query head
-    int m0;            // first local query of the block
+    fdm_seq seq;        // varlen bounds of the sequence (len_k clamped to max_seqlen_k)
+    int64_t hk, g;      // KV head and group index of the CTA's first query head
+    int heads_per_cta;  // P: block row R is query R / P of group index g + R % P (packed GQA)
+    int m0;             // first packed row of the block
     int is_causal;
 };
 
 // Per-thread facts about its two rows (gid and gid + 8 of its warp), computed once per CTA.
 struct RowInfo {
     int i[2];              // local query index
+    int g[2];              // group index of the row's query head
     bool ok[2];            // i < Lq (rows past the sequence are computed but never read or stored)
     int last_key[2];       // last visible key: i + Lk - Lq when causal, else Lk - 1
 };
@@ -53,7 +55,9 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
     RowInfo r;
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-        r.i[k] = c.m0 + row0 + 8 * k;
+        const int packed = c.m0 + row0 + 8 * k;
+        r.i[k] = packed / c.heads_per_cta;
+        r.g[k] = static_cast<int>(c.g) + packed % c.heads_per_cta;
         r.ok[k] = r.i[k] < c.seq.len_q;
         r.last_key[k] = static_cast<int>(c.is_causal ? fdm_causal_last_key(&c.seq, r.i[k]) : c.seq.len_k - 1);
     }
@@ -61,7 +65,8 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
 }
 
 // Prepares key tile n for one stage and tells whether any pair in it is visible (the same answer
-// in every thread: with a mask present it ends with a CTA barrier).
+// in every thread: with a mask present it ends with a CTA barrier). Key-based operands are read
+// for the CTA's first head; the launch plan packs heads only when they all read the same values.
 //   key-based mask: kmask_s[0..kBlockN) = keep flags of the tile's keys
 //   key-based bias: kbias_s[0..kBlockN) = bias of the tile's keys (0 past Lk)
 //   query-based mask: scans the tile's (kBlockM, kBlockN) block of the mask, nothing staged
@@ -86,9 +91,10 @@ __device__ bool prepare_key_tile(const fdm_params &p, const MaskContext &c, int 
     if (p.mask.ptr == nullptr) return true;
     if (!key_mask) {
         for (int e = tid; e < Tile::kBlockM * Tile::kBlockN && !any; e += Tile::kThreads) {
-            const int i = c.m0 + e / Tile::kBlockN, j = j0 + e % Tile::kBlockN;
+            const int packed = c.m0 + e / Tile::kBlockN, j = j0 + e % Tile::kBlockN;
+            const int i = packed / c.heads_per_cta, g = static_cast<int>(c.g) + packed % c.heads_per_cta;
             any = i < c.seq.len_q && j < c.seq.len_k && (!c.is_causal || j <= fdm_causal_last_key(&c.seq, i)) &&
-                  mask_keeps(p.mask, fdm_operand_offset(&p.mask, &c.seq, c.hk, c.g, i, j));
+                  mask_keeps(p.mask, fdm_operand_offset(&p.mask, &c.seq, c.hk, g, i, j));
         }
     }
     return __syncthreads_or(any) != 0;
@@ -125,8 +131,8 @@ __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const f
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[t][e] += kbias_s[t * 8 + col0 + e % 2];
         } else {
-            const int64_t row_off[2] = {fdm_operand_offset(&p.bias, &c.seq, c.hk, c.g, rows.i[0], 0),
-                                        fdm_operand_offset(&p.bias, &c.seq, c.hk, c.g, rows.i[1], 0)};
+            const int64_t row_off[2] = {fdm_operand_offset(&p.bias, &c.seq, c.hk, rows.g[0], rows.i[0], 0),
+                                        fdm_operand_offset(&p.bias, &c.seq, c.hk, rows.g[1], rows.i[1], 0)};
 #pragma unroll
             for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
@@ -162,8 +168,8 @@ __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const f
                 for (int e = 0; e < 4; ++e)
                     if (!kmask_s[t * 8 + col0 + e % 2]) s[t][e] = -INFINITY;
         } else {
-            const int64_t row_off[2] = {fdm_operand_offset(&p.mask, &c.seq, c.hk, c.g, rows.i[0], 0),
-                                        fdm_operand_offset(&p.mask, &c.seq, c.hk, c.g, rows.i[1], 0)};
+            const int64_t row_off[2] = {fdm_operand_offset(&p.mask, &c.seq, c.hk, rows.g[0], rows.i[0], 0),
+                                        fdm_operand_offset(&p.mask, &c.seq, c.hk, rows.g[1], rows.i[1], 0)};
 #pragma unroll
             for (int t = 0; t < kNTiles; ++t)
 #pragma unroll

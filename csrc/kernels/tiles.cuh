@@ -14,14 +14,19 @@
 
 namespace fdm {
 
+// Rows per CTA and keys per K/V tile, also read by the host's launch plan.
+constexpr int kFwdWarps = 4;
+constexpr int kFwdBlockM = 16 * kFwdWarps;
+constexpr int fwd_block_n(int tile_head_dim) { return tile_head_dim <= 128 ? 64 : 32; }
+
 // Tile shapes for one tile head dim (the head dim rounded up to a compiled size).
 template <int kHeadDim_>
 struct FwdTile {
     static constexpr int kHeadDim = kHeadDim_;                  // D of the tile (>= the real D)
-    static constexpr int kWarps = 4;
+    static constexpr int kWarps = kFwdWarps;
     static constexpr int kThreads = 32 * kWarps;
-    static constexpr int kBlockM = 16 * kWarps;                 // queries per CTA, 16 rows per warp
-    static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;   // keys per K/V tile
+    static constexpr int kBlockM = kFwdBlockM;                  // rows per CTA, 16 per warp
+    static constexpr int kBlockN = fwd_block_n(kHeadDim);       // keys per K/V tile
     static constexpr int kRowStride = kHeadDim + 8;             // shared row pitch (elements): +16 bytes
                                                                 // puts 8 consecutive rows in 8 distinct
                                                                 // bank groups, so ldmatrix is conflict-free
@@ -80,6 +85,28 @@ __device__ __forceinline__ void load_tile_async(T *s_tile, const T *g_tile, int6
         const int row = c / Tile::kChunksPerRow, col = (c % Tile::kChunksPerRow) * 8;
         const bool valid = row < valid_rows && col < head_dim;
         const T *src = valid ? g_tile + row * g_row_stride + col : g_tile;
+        cp_async_16(smem_addr(s_tile + row * Tile::kRowStride + col), src, valid);
+    }
+}
+
+// Copies the Q rows of a packed-GQA block into a (kRows, kRowStride) shared tile: block row r is
+// row R = m0 + r of the (query, head) packing, i.e. query R / P of head R % P (P = 1: plain rows).
+// Rows >= valid_rows and columns >= head_dim become 0.
+template <class Tile, int kRows, class T>
+__device__ __forceinline__ void load_packed_rows_async(T *s_tile, const T *g_base, int m0, int heads_per_cta,
+                                                       int64_t g_row_stride, int64_t g_head_stride,
+                                                       int valid_rows, int head_dim) {
+    constexpr int kChunks = kRows * Tile::kChunksPerRow;
+    static_assert(kChunks % Tile::kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int it = 0; it < kChunks / Tile::kThreads; ++it) {
+        const int c = threadIdx.x + it * Tile::kThreads;
+        const int row = c / Tile::kChunksPerRow, col = (c % Tile::kChunksPerRow) * 8;
+        const bool valid = row < valid_rows && col < head_dim;
+        const int packed = m0 + row;
+        const T *src = valid ? g_base + (packed / heads_per_cta) * g_row_stride +
+                                   (packed % heads_per_cta) * g_head_stride + col
+                             : g_base;
         cp_async_16(smem_addr(s_tile + row * Tile::kRowStride + col), src, valid);
     }
 }
