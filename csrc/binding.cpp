@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <tuple>
 
@@ -115,23 +116,19 @@ bool mask_dtype_ok(at::ScalarType t) {
            t == at::kFloat;
 }
 
-// Validates a mask or bias and returns its fdm_operand (pointer, dtype, layout, strides).
-fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_mask, const Tensor &q,
-                         const Sizes &s, int64_t max_seqlen_k) {
+fdm_operand absent_operand() {
     fdm_operand o;
     o.ptr = nullptr;
     o.dtype = FDM_F32;
     o.layout = FDM_LAYOUT_KEY;
-    o.stride_q = o.stride_k = o.stride_kv_head = o.stride_group = 0;
-    if (!opt.has_value()) return o;
-    const Tensor &t = *opt;
-    // The accepted shapes, formatted only when a check fails.
-    const auto accepted = [&] {
-        return c10::str("accepted: key-based (total_k=", s.total_k, ", h') or query-based (total_q=", s.total_q,
-                        ", h', Kq >= max_seqlen_k=", max_seqlen_k, ") with h' in {1, ", s.heads_k, ", ", s.heads,
-                        "}");
-    };
-    FDM_CHECK(t.dim() == 2 || t.dim() == 3, name, " has shape ", shape_str(t), "; ", accepted());
+    o.stride_q = o.stride_k = o.stride_kv_head = o.stride_group = o.stride_seq = 0;
+    return o;
+}
+
+// The checks every mask/bias layout shares (device, dtype, head count h'), then the operand's
+// pointer, dtype and head strides: head h = hk * G + g reads head(h) of h', a stride of 0 broadcasts.
+fdm_operand operand_heads(const Tensor &t, const char *name, bool is_mask, const Tensor &q, const Sizes &s,
+                          int64_t hp, int64_t head_stride, const std::function<std::string()> &accepted) {
     FDM_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but query is on ", q.device());
     const auto dt = t.scalar_type();
     if (is_mask) {
@@ -141,7 +138,39 @@ fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_
         FDM_CHECK(dt == q.scalar_type() || dt == at::kFloat, name, " dtype ", t.dtype(),
                   " must be the query dtype (", q.dtype(), ") or float32");
     }
-    const int64_t rows = t.size(0), hp = t.size(1);
+    FDM_CHECK(hp == 1 || hp == s.heads_k || hp == s.heads, name, " has ", hp, " heads in shape ", shape_str(t),
+              "; ", accepted());
+    fdm_operand o = absent_operand();
+    o.ptr = t.data_ptr();
+    switch (dt) {
+        case at::kFloat: o.dtype = FDM_F32; break;
+        case at::kHalf: o.dtype = FDM_F16; break;
+        case at::kBFloat16: o.dtype = FDM_BF16; break;
+        default: o.dtype = FDM_BYTE; break;
+    }
+    if (hp == 1) head_stride = 0;
+    if (hp == s.heads) {
+        o.stride_kv_head = (s.heads / s.heads_k) * head_stride;
+        o.stride_group = head_stride;
+    } else {
+        o.stride_kv_head = head_stride;  // hp == H_k (or 1 with stride 0)
+    }
+    return o;
+}
+
+// A varlen mask or bias: key-based (total_k, h') or query-based (total_q, h', Kq).
+fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_mask, const Tensor &q,
+                         const Sizes &s, int64_t max_seqlen_k) {
+    if (!opt.has_value()) return absent_operand();
+    const Tensor &t = *opt;
+    // The accepted shapes, formatted only when a check fails.
+    const auto accepted = [&] {
+        return c10::str("accepted: key-based (total_k=", s.total_k, ", h') or query-based (total_q=", s.total_q,
+                        ", h', Kq >= max_seqlen_k=", max_seqlen_k, ") with h' in {1, ", s.heads_k, ", ", s.heads,
+                        "}");
+    };
+    FDM_CHECK(t.dim() == 2 || t.dim() == 3, name, " has shape ", shape_str(t), "; ", accepted());
+    const int64_t rows = t.size(0);
     if (t.dim() == 2) {
         FDM_CHECK(rows == s.total_k, name, " is 2-D (key-based) with ", rows, " rows but total_k is ", s.total_k,
                   "; ", accepted());
@@ -151,16 +180,7 @@ fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_
         FDM_CHECK(t.size(2) >= max_seqlen_k, name, " has Kq=", t.size(2), " keys per row, less than max_seqlen_k=",
                   max_seqlen_k, "; ", accepted());
     }
-    FDM_CHECK(hp == 1 || hp == s.heads_k || hp == s.heads, name, " has ", hp, " heads in shape ", shape_str(t),
-              "; ", accepted());
-
-    o.ptr = t.data_ptr();
-    switch (dt) {
-        case at::kFloat: o.dtype = FDM_F32; break;
-        case at::kHalf: o.dtype = FDM_F16; break;
-        case at::kBFloat16: o.dtype = FDM_BF16; break;
-        default: o.dtype = FDM_BYTE; break;
-    }
+    fdm_operand o = operand_heads(t, name, is_mask, q, s, t.size(1), t.stride(1), accepted);
     o.layout = t.dim() == 2 ? FDM_LAYOUT_KEY : FDM_LAYOUT_QUERY;
     if (o.layout == FDM_LAYOUT_KEY) {
         o.stride_k = t.stride(0);
@@ -168,21 +188,52 @@ fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_
         o.stride_q = t.stride(0);
         o.stride_k = t.stride(2);
     }
-    // Head h = hk * G + g reads head(h) of h'; a stride of 0 broadcasts.
-    const int64_t head_stride = hp == 1 ? 0 : t.stride(1);
-    const int64_t group = s.heads / s.heads_k;
-    if (hp == s.heads) {
-        o.stride_kv_head = group * head_stride;
-        o.stride_group = head_stride;
-    } else {
-        o.stride_kv_head = head_stride;  // hp == H_k (or 1 with stride 0)
-        o.stride_group = 0;
+    return o;
+}
+
+// A dense mask or bias (B or 1, h', S_q or 1, S_k) of mha_fwd, whose batch is packed as sequence b =
+// rows [b * S_q, (b + 1) * S_q). Size-1 dims broadcast by stride 0; S_q == 1 is the key-based form.
+fdm_operand make_dense_operand(const optional<Tensor> &opt, const char *name, bool is_mask, const Tensor &q,
+                               const Sizes &s, int64_t seqlen_q, int64_t seqlen_k) {
+    if (!opt.has_value()) return absent_operand();
+    const Tensor &t = *opt;
+    const auto accepted = [&] {
+        return c10::str("accepted: (batch=", s.batch, " or 1, h', seqlen_q=", seqlen_q, " or 1, seqlen_k=", seqlen_k,
+                        ") with h' in {1, ", s.heads_k, ", ", s.heads, "}");
+    };
+    FDM_CHECK(t.dim() == 4, name, " has shape ", shape_str(t), "; ", accepted());
+    FDM_CHECK((t.size(0) == s.batch || t.size(0) == 1) && (t.size(2) == seqlen_q || t.size(2) == 1) &&
+                  t.size(3) == seqlen_k,
+              name, " has shape ", shape_str(t), "; ", accepted());
+    fdm_operand o = operand_heads(t, name, is_mask, q, s, t.size(1), t.stride(1), accepted);
+    const int64_t batch_stride = t.size(0) == 1 ? 0 : t.stride(0);
+    if (t.size(2) == 1) {  // one row per key: key_base = b * S_k
+        o.layout = FDM_LAYOUT_KEY;
+        o.stride_k = t.stride(3);
+        o.stride_seq = batch_stride - seqlen_k * o.stride_k;
+    } else {  // q_start = b * S_q
+        o.layout = FDM_LAYOUT_QUERY;
+        o.stride_q = t.stride(2);
+        o.stride_k = t.stride(3);
+        o.stride_seq = batch_stride - seqlen_q * o.stride_q;
     }
     return o;
 }
 
 fdm_dtype to_fdm_dtype(at::ScalarType t) {
     return t == at::kHalf ? FDM_F16 : (t == at::kBFloat16 ? FDM_BF16 : FDM_F32);
+}
+
+void describe_qkv(fdm_params &p, const Tensor &q, const Tensor &k, const Tensor &v) {
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.q_row_stride = q.stride(0);
+    p.q_head_stride = q.stride(1);
+    p.k_row_stride = k.stride(0);
+    p.k_head_stride = k.stride(1);
+    p.v_row_stride = v.stride(0);
+    p.v_head_stride = v.stride(1);
 }
 
 // Everything SPEC.md section 3 refuses, checked before any kernel runs; fills the struct.
@@ -207,15 +258,7 @@ fdm_params validate_and_describe(const Tensor &q, const Tensor &k, const Tensor 
     }
 
     fdm_params p;
-    p.q = q.data_ptr();
-    p.k = k.data_ptr();
-    p.v = v.data_ptr();
-    p.q_row_stride = q.stride(0);
-    p.q_head_stride = q.stride(1);
-    p.k_row_stride = k.stride(0);
-    p.k_head_stride = k.stride(1);
-    p.v_row_stride = v.stride(0);
-    p.v_head_stride = v.stride(1);
+    describe_qkv(p, q, k, v);
     p.dtype = to_fdm_dtype(q.scalar_type());
     p.out = nullptr;
     p.out_row_stride = p.out_head_stride = 0;
@@ -251,26 +294,7 @@ std::tuple<Tensor, Tensor> alloc_outputs(const Tensor &q, fdm_params &p) {
     return {out, lse};
 }
 
-// ---------------------------------------------------------------- CPU
-
-std::tuple<Tensor, Tensor> mha_varlen_fwd_cpu(const Tensor &q, const Tensor &k, const Tensor &v,
-                                              const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
-                                              const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k,
-                                              int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                              bool is_causal, double softcap, const optional<Tensor> &block_table) {
-    fdm_params p = validate_and_describe(q, k, v, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, scale, is_causal, softcap, block_table);
-    auto outputs = alloc_outputs(q, p);
-    std::atomic<int> status{FDM_OK};
-    at::parallel_for(0, fdm_cpu_num_work_items(&p), 1, [&](int64_t begin, int64_t end) {
-        const int st = fdm_cpu_forward_range(&p, begin, end);
-        if (st != FDM_OK) status.store(st);
-    });
-    TORCH_CHECK(status.load() == FDM_OK, "flash_dmattn: CPU forward failed: ", fdm_status_string(status.load()));
-    return outputs;
-}
-
-// ---------------------------------------------------------------- CUDA
+// ---------------------------------------------------------------- running
 
 #ifdef FDM_WITH_CUDA
 // cp.async moves 16-byte chunks: q/k/v need 16-byte aligned rows and heads, else we copy them.
@@ -280,26 +304,25 @@ Tensor aligned_for_cuda(const Tensor &t) {
                     t.stride(1) % elems == 0;
     return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
+#endif
 
-std::tuple<Tensor, Tensor> mha_varlen_fwd_cuda(const Tensor &q_in, const Tensor &k_in, const Tensor &v_in,
-                                               const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
-                                               const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k,
-                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                               bool is_causal, double softcap, const optional<Tensor> &block_table) {
-    fdm_params p = validate_and_describe(q_in, k_in, v_in, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
-                                         max_seqlen_q, max_seqlen_k, scale, is_causal, softcap, block_table);
-    const c10::cuda::CUDAGuard guard(q_in.device());
-    const Tensor q = aligned_for_cuda(q_in), k = aligned_for_cuda(k_in), v = aligned_for_cuda(v_in);
-    p.q = q.data_ptr();
-    p.k = k.data_ptr();
-    p.v = v.data_ptr();
-    p.q_row_stride = q.stride(0);
-    p.q_head_stride = q.stride(1);
-    p.k_row_stride = k.stride(0);
-    p.k_head_stride = k.stride(1);
-    p.v_row_stride = v.stride(0);
-    p.v_head_stride = v.stride(1);
+// Allocates out (total_q, H, D) and lse (H, total_q), runs the CPU or CUDA forward of p.
+std::tuple<Tensor, Tensor> run_forward(fdm_params &p, const Tensor &q, const Tensor &k, const Tensor &v) {
     auto outputs = alloc_outputs(q, p);
+    if (q.is_cpu()) {
+        std::atomic<int> status{FDM_OK};
+        at::parallel_for(0, fdm_cpu_num_work_items(&p), 1, [&](int64_t begin, int64_t end) {
+            const int st = fdm_cpu_forward_range(&p, begin, end);
+            if (st != FDM_OK) status.store(st);
+        });
+        TORCH_CHECK(status.load() == FDM_OK, "flash_dmattn: CPU forward failed: ",
+                    fdm_status_string(status.load()));
+        return outputs;
+    }
+#ifdef FDM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    const Tensor q_a = aligned_for_cuda(q), k_a = aligned_for_cuda(k), v_a = aligned_for_cuda(v);
+    describe_qkv(p, q_a, k_a, v_a);
     // Split-KV scratch (a few MB at most), from torch's caching allocator on the current stream.
     const size_t workspace_bytes = fdm_cuda_workspace_size(&p);
     Tensor workspace;
@@ -311,8 +334,51 @@ std::tuple<Tensor, Tensor> mha_varlen_fwd_cuda(const Tensor &q_in, const Tensor 
     TORCH_CHECK(st == FDM_OK, "flash_dmattn: CUDA forward failed: ", fdm_status_string(st),
                 st == FDM_ERR_CUDA ? c10::str(" (", cudaGetErrorString(cudaGetLastError()), ")") : std::string());
     return outputs;
-}
+#else
+    TORCH_CHECK(false, "flash_dmattn: this build has no CUDA kernels");
 #endif
+}
+
+// ---------------------------------------------------------------- the ops
+
+std::tuple<Tensor, Tensor> mha_varlen_fwd(const Tensor &q, const Tensor &k, const Tensor &v,
+                                          const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
+                                          const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k, int64_t max_seqlen_q,
+                                          int64_t max_seqlen_k, double scale, bool is_causal, double softcap,
+                                          const optional<Tensor> &block_table) {
+    fdm_params p = validate_and_describe(q, k, v, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, scale, is_causal, softcap, block_table);
+    return run_forward(p, q, k, v);
+}
+
+// Dense (batch, seqlen, heads, head_dim) attention: a varlen batch of equal lengths. The batch and
+// sequence dims are flattened into packed rows (a view whenever the strides allow, as for packed
+// qkv), and the dense mask/bias keep their own strides through stride_seq.
+std::tuple<Tensor, Tensor> mha_fwd(const Tensor &q, const Tensor &k, const Tensor &v,
+                                   const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias, double scale,
+                                   bool is_causal, double softcap) {
+    FDM_CHECK(q.dim() == 4, "query must be 4-D (batch, seqlen_q, num_heads, head_dim), got shape ", shape_str(q));
+    FDM_CHECK(k.dim() == 4, "key must be 4-D (batch, seqlen_k, num_heads_k, head_dim), got shape ", shape_str(k));
+    FDM_CHECK(v.dim() == 4, "value must be 4-D (batch, seqlen_k, num_heads_k, head_dim), got shape ", shape_str(v));
+    const int64_t batch = q.size(0), seqlen_q = q.size(1), seqlen_k = k.size(1);
+    FDM_CHECK(k.size(0) == batch && v.size(0) == batch, "key and value batch sizes (", k.size(0), ", ", v.size(0),
+              ") must equal the query batch size ", batch);
+    const Tensor q_rows = q.reshape({batch * seqlen_q, q.size(2), q.size(3)});
+    const Tensor k_rows = k.reshape({batch * k.size(1), k.size(2), k.size(3)});
+    const Tensor v_rows = v.reshape({batch * v.size(1), v.size(2), v.size(3)});
+    const auto cu_options = q.options().dtype(at::kInt);
+    const Tensor cu_seqlens_q = at::arange(batch + 1, cu_options).mul_(seqlen_q);
+    const Tensor cu_seqlens_k = at::arange(batch + 1, cu_options).mul_(seqlen_k);
+    fdm_params p = validate_and_describe(q_rows, k_rows, v_rows, c10::nullopt, c10::nullopt, cu_seqlens_q,
+                                         cu_seqlens_k, seqlen_q, seqlen_k, scale, is_causal, softcap, c10::nullopt);
+    const Sizes s{p.total_q, p.total_k, p.num_heads, p.num_heads_k, p.head_dim, p.batch};
+    p.mask = make_dense_operand(attn_mask, "attn_mask", true, q, s, seqlen_q, seqlen_k);
+    p.bias = make_dense_operand(attn_bias, "attn_bias", false, q, s, seqlen_q, seqlen_k);
+    auto [out, lse] = run_forward(p, q_rows, k_rows, v_rows);
+    // out (B * S_q, H, D) -> (B, S_q, H, D); lse (H, B * S_q) -> (B, H, S_q), a strided view.
+    return {out.view({batch, seqlen_q, p.num_heads, p.head_dim}),
+            lse.view({p.num_heads, batch, seqlen_q}).permute({1, 0, 2})};
+}
 
 }  // namespace
 
@@ -321,12 +387,21 @@ TORCH_LIBRARY(flash_dmattn, m) {
         "mha_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? attn_bias, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
         "bool is_causal, float softcap, Tensor? block_table) -> (Tensor, Tensor)");
+    m.def(
+        "mha_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? attn_bias, float scale, "
+        "bool is_causal, float softcap) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(flash_dmattn, CPU, m) { m.impl("mha_varlen_fwd", &mha_varlen_fwd_cpu); }
+TORCH_LIBRARY_IMPL(flash_dmattn, CPU, m) {
+    m.impl("mha_varlen_fwd", &mha_varlen_fwd);
+    m.impl("mha_fwd", &mha_fwd);
+}
 
 #ifdef FDM_WITH_CUDA
-TORCH_LIBRARY_IMPL(flash_dmattn, CUDA, m) { m.impl("mha_varlen_fwd", &mha_varlen_fwd_cuda); }
+TORCH_LIBRARY_IMPL(flash_dmattn, CUDA, m) {
+    m.impl("mha_varlen_fwd", &mha_varlen_fwd);
+    m.impl("mha_fwd", &mha_fwd);
+}
 #endif
 
 // `import flash_dmattn._C` loads this library, whose static initializers register the op.

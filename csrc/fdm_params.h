@@ -47,12 +47,14 @@ typedef enum {
  * A mask or a bias. Element (b, h = hk * G + g, i, j) lives at
  *
  *   ptr + (q_start[b] + i) * stride_q + (key_base[b] + j) * stride_k
- *       + hk * stride_kv_head + g * stride_group
+ *       + hk * stride_kv_head + g * stride_group + b * stride_seq
  *
  * with key_base[b] = k_start[b] for FDM_LAYOUT_KEY and 0 for FDM_LAYOUT_QUERY
  * (fdm_operand_offset below). Key-based: stride_q = 0. Head broadcasting:
  * h' = H gives (stride_kv_head, stride_group) = (G * s, s); h' = H_k gives (s, 0);
- * h' = 1 gives (0, 0), where s is the tensor's head stride.
+ * h' = 1 gives (0, 0), where s is the tensor's head stride. stride_seq is 0 for the packed varlen
+ * layouts; the dense (B or 1, h', S_q or 1, S_k) operands of mha_fwd use it to turn the packed
+ * row index (b * S + i) back into the tensor's own batch stride.
  */
 typedef struct {
     const void *ptr;        /* NULL: operand absent */
@@ -62,6 +64,7 @@ typedef struct {
     int64_t stride_k;       /* per key: packed key row (key-based) or column j (query-based) */
     int64_t stride_kv_head; /* per KV head hk */
     int64_t stride_group;   /* per query head inside its GQA group, g */
+    int64_t stride_seq;     /* per sequence b, on top of the packed row (0 for varlen layouts) */
 } fdm_operand;
 
 typedef struct {
@@ -131,12 +134,14 @@ FDM_HOST_DEVICE const char *fdm_status_string(int status) {
 
 /* The varlen helper: where sequence b starts and how long it is. Every kernel uses it. */
 typedef struct {
+    int64_t b;                /* the sequence's index in the batch */
     int64_t q_start, k_start; /* first packed row of the sequence's queries / keys */
     int64_t len_q, len_k;     /* Lq, Lk (either may be 0) */
 } fdm_seq;
 
 FDM_HOST_DEVICE fdm_seq fdm_seq_of(const fdm_params *p, int64_t b) {
     fdm_seq s;
+    s.b = b;
     s.q_start = p->cu_seqlens_q[b];
     s.k_start = p->cu_seqlens_k[b];
     s.len_q = p->cu_seqlens_q[b + 1] - s.q_start;
@@ -149,7 +154,7 @@ FDM_HOST_DEVICE int64_t fdm_operand_offset(const fdm_operand *o, const fdm_seq *
                                            int64_t hk, int64_t g, int64_t i, int64_t j) {
     const int64_t key_base = (o->layout == FDM_LAYOUT_KEY) ? s->k_start : 0;
     return (s->q_start + i) * o->stride_q + (key_base + j) * o->stride_k
-         + hk * o->stride_kv_head + g * o->stride_group;
+         + hk * o->stride_kv_head + g * o->stride_group + s->b * o->stride_seq;
 }
 
 /* Causal (bottom-right aligned): query i sees keys j <= i + Lk - Lq. */

@@ -11,3 +11,11 @@ def _mha_varlen_fwd_fake(q, k, v, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (total_q, H, D)
     lse = q.new_empty((num_heads, total_q), dtype=torch.float32)       # (H, total_q)
     return out, lse
+
+
+@torch.library.register_fake("flash_dmattn::mha_fwd")
+def _mha_fwd_fake(q, k, v, attn_mask, attn_bias, scale, is_causal, softcap):
+    batch, seqlen_q, num_heads, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)                      # (B, S_q, H, D)
+    lse = q.new_empty((num_heads, batch, seqlen_q), dtype=torch.float32).permute(1, 0, 2)  # (B, H, S_q) view
+    return out, lse
