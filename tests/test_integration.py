@@ -116,3 +116,20 @@ def test_compile_aot_eager_new_shapes(device):
     for seqlens in (SEQLENS, [(9, 13), (1, 1), (4, 2)]):
         batch = make_batch(seqlens, H, H_K, D, LOWP[device], device)
         check_compiled_against_eager(batch, compiled, device)
+
+
+def test_backward_refuses_instead_of_returning_wrong_gradients():
+    """Forward works on tensors that require grad; backward raises (no backward pass yet)."""
+    q = torch.randn(6, 4, 16, requires_grad=True)
+    k, v = torch.randn(9, 2, 16), torch.randn(9, 2, 16)
+    cu_q = torch.tensor([0, 2, 6], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 9], dtype=torch.int32)
+    out = flash_dmattn.flash_dmattn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    with torch.no_grad():
+        expect = flash_dmattn.flash_dmattn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert torch.equal(out.detach(), expect)
+    with pytest.raises(NotImplementedError, match="backward"):
+        out.sum().backward()
+    dense = flash_dmattn.flash_dmattn_func(q.view(1, 6, 4, 16), k.view(1, 9, 2, 16), v.view(1, 9, 2, 16))
+    with pytest.raises(NotImplementedError, match="backward"):
+        dense.sum().backward()
