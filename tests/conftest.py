@@ -266,3 +266,9 @@ def run_and_check(batch, **kwargs):
     ref_keys = ("attn_mask", "attn_bias", "scale", "is_causal", "softcap")
     check_against_reference(batch, out, lse, **{k: v for k, v in kwargs.items() if k in ref_keys})
     return out, lse
+
+
+def dense_to_query_based(x, batch, seqlen_q, seqlen_k):
+    """(B or 1, h', S_q or 1, S_k) -> the varlen query-based (B * S_q, h', S_k), materialized."""
+    x = x.expand(batch, x.shape[1], seqlen_q, seqlen_k)
+    return x.permute(0, 2, 1, 3).reshape(batch * seqlen_q, x.shape[1], seqlen_k)

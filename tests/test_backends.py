@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flash_dmattn
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, dense_to_query_based
 from flash_dmattn.backends import registry
 from flash_dmattn.backends import (CUDA_AVAILABLE, FLEX_AVAILABLE, TRITON_AVAILABLE, flash_dmattn_func_auto,
                                    get_available_backends, triton_dmattn_func)
@@ -26,12 +26,6 @@ if TRITON_INTERPRETED:
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H, D = 4, 16
-
-
-def dense_to_query_based(x, batch, seqlen_q, seqlen_k):
-    """(B or 1, h', S_q or 1, S_k) -> the varlen query-based (B * S_q, h', S_k), materialized."""
-    x = x.expand(batch, x.shape[1], seqlen_q, seqlen_k)
-    return x.permute(0, 2, 1, 3).reshape(batch * seqlen_q, x.shape[1], seqlen_k)
 
 
 def backend_dtype_params():

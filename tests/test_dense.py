@@ -8,16 +8,10 @@ import pytest
 import torch
 
 import flash_dmattn
-from conftest import DTYPES, assert_close_to_reference, device_dtype_params
+from conftest import assert_close_to_reference, dense_to_query_based, device_dtype_params
 from reference import attention_reference
 
 H, H_K, D = 8, 2, 32
-
-
-def dense_to_query_based(x, batch, seqlen_q, seqlen_k):
-    """(B or 1, h', S_q or 1, S_k) -> the varlen query-based (B * S_q, h', S_k), materialized."""
-    x = x.expand(batch, x.shape[1], seqlen_q, seqlen_k)
-    return x.permute(0, 2, 1, 3).reshape(batch * seqlen_q, x.shape[1], seqlen_k)
 
 
 def check_dense(q, k, v, mask=None, bias=None, is_causal=False, softcap=0.0, scale=None):
