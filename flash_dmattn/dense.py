@@ -6,12 +6,11 @@ by stride 0, so (B, h', 1, S_k) is the dense form of the key-based layout and is
 Packed inputs are split into views, never copies.
 """
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 
-from .varlen import flash_dmattn_varlen_func
+from .varlen import default_scale, flash_dmattn_varlen_func
 
 
 def flash_dmattn_func(
@@ -39,9 +38,8 @@ def flash_dmattn_func(
     Returns:
         out (B, S_q, H, D), or (out, lse) when return_lse is True.
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    out, lse = torch.ops.flash_dmattn.mha_fwd(query, key, value, attn_mask, attn_bias, float(scale),
+    out, lse = torch.ops.flash_dmattn.mha_fwd(query, key, value, attn_mask, attn_bias,
+                                              default_scale(scale, query.shape[-1]),
                                               bool(is_causal), float(softcap or 0.0))
     return (out, lse) if return_lse else out
 

@@ -17,6 +17,11 @@ def cuda_kernels_available() -> bool:
     return has_kernel and torch.cuda.is_available()
 
 
+def default_scale(scale: Optional[float], head_dim: int) -> float:
+    """The score scale: 1 / sqrt(D) unless given."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
 def _max_seqlen(cu_seqlens: torch.Tensor) -> int:
     # Reads cu_seqlens: a host synchronization when it lives on a GPU.
     if cu_seqlens.numel() < 2:
@@ -66,9 +71,7 @@ def flash_dmattn_varlen_func(
         max_seqlen_q = _max_seqlen(cu_seqlens_q)
     if max_seqlen_k is None:
         max_seqlen_k = _max_seqlen(cu_seqlens_k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
     out, lse = torch.ops.flash_dmattn.mha_varlen_fwd(
         query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
-        int(max_seqlen_q), int(max_seqlen_k), float(scale), bool(is_causal), float(softcap or 0.0), block_table)
+        int(max_seqlen_q), int(max_seqlen_k), default_scale(scale, query.shape[-1]), bool(is_causal), float(softcap or 0.0), block_table)
     return (out, lse) if return_lse else out

@@ -4,7 +4,6 @@ The C/CUDA backends validate in their C++ binding; these checks give the same me
 backends that are written in Python, before any kernel runs.
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -49,7 +48,3 @@ def head_divisor(x: torch.Tensor, num_heads: int) -> int:
     h' == H -> 1 (head h); h' == H_k -> H / H_k (h's KV head); h' == 1 -> H (head 0).
     """
     return num_heads // x.shape[1]
-
-
-def default_scale(scale: Optional[float], head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

@@ -16,7 +16,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
-from .common import check_dense_inputs, default_scale, head_divisor
+from ..varlen import default_scale
+from .common import check_dense_inputs, head_divisor
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_dense_inputs, default_scale, head_divisor
+from ..varlen import default_scale
+from .common import check_dense_inputs, head_divisor
 
 
 @triton.jit
