@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -39,6 +40,12 @@ using c10::optional;
 bool debug_mode() {
     const char *env = std::getenv("FLASH_DMATTN_DEBUG");
     return env != nullptr && env[0] != '\0' && std::string(env) != "0";
+}
+
+// An integer launch override from the environment (tests and tuning), `fallback` when unset.
+int env_override(const char *name, int fallback) {
+    const char *env = std::getenv(name);
+    return env != nullptr && env[0] != '\0' ? std::atoi(env) : fallback;
 }
 
 std::string shape_str(const Tensor &t) { return c10::str(t.sizes()); }
@@ -257,7 +264,7 @@ fdm_params validate_and_describe(const Tensor &q, const Tensor &k, const Tensor 
         check_cu_seqlens_data(cu_seqlens_k, "cu_seqlens_k", s.total_k, max_seqlen_k, "max_seqlen_k");
     }
 
-    fdm_params p;
+    fdm_params p{};  // every pointer NULL, every stride and override 0
     describe_qkv(p, q, k, v);
     p.dtype = to_fdm_dtype(q.scalar_type());
     p.out = nullptr;
@@ -280,6 +287,10 @@ fdm_params validate_and_describe(const Tensor &q, const Tensor &k, const Tensor 
     p.mask = make_operand(attn_mask, "attn_mask", true, q, s, max_seqlen_k);
     p.bias = make_operand(attn_bias, "attn_bias", false, q, s, max_seqlen_k);
     p.workspace = nullptr;
+    // Launch overrides (docs/api.md, "Environment"): FLASH_DMATTN_NUM_SPLITS=n forces n key ranges
+    // per row block, FLASH_DMATTN_GATHER_KEYS=0/1 turns the gathered-key path off/on.
+    p.force_num_splits = std::max(0, env_override("FLASH_DMATTN_NUM_SPLITS", 0));
+    p.force_gather = env_override("FLASH_DMATTN_GATHER_KEYS", -1);
     return p;
 }
 

@@ -103,8 +103,23 @@ typedef struct {
     fdm_operand mask;       /* ptr NULL: every key visible */
     fdm_operand bias;       /* ptr NULL: no bias */
 
-    /* CUDA only: scratch of fdm_cuda_workspace_size(p) bytes for split-KV partial results,
-     * allocated by the caller; NULL when that size is 0. */
+    /* Paged KV cache. block_table NULL: k and v are packed rows, key j of sequence b is row
+     * k_start + j. Otherwise k and v are caches (num_pages, page_size, H_k, D) whose first two dims
+     * flatten into rows (row = page * page_size + slot, same row/head strides as above), and key j
+     * of sequence b lives in page block_table[b * block_table_stride + j / page_size], slot
+     * j % page_size (fdm_key_row). Key-based mask/bias stay indexed by the logical row k_start + j. */
+    const int32_t *block_table; /* (B, max_pages) int32, or NULL */
+    int64_t block_table_stride; /* elements between sequences in block_table */
+    int64_t max_pages;          /* block_table.size(1) */
+    int64_t page_size;          /* keys per page (>= 1); 0 when unpaged */
+    int64_t num_pages;          /* pages in the caches (page indices must be in [0, num_pages)) */
+
+    /* Launch overrides for tests and tuning (CUDA only; the CPU kernel ignores them). */
+    int force_num_splits;   /* > 0: that many key ranges per row block (at most one key tile each); 0: heuristic */
+    int force_gather;       /* key-based mask: 1 gathers the visible keys, 0 never, -1 heuristic */
+
+    /* CUDA only: scratch of fdm_cuda_workspace_size(p) bytes (split-KV partial results, gathered
+     * key lists), allocated by the caller; NULL when that size is 0. */
     void *workspace;
 } fdm_params;
 
@@ -155,6 +170,13 @@ FDM_HOST_DEVICE int64_t fdm_operand_offset(const fdm_operand *o, const fdm_seq *
     const int64_t key_base = (o->layout == FDM_LAYOUT_KEY) ? s->k_start : 0;
     return (s->q_start + i) * o->stride_q + (key_base + j) * o->stride_k
          + hk * o->stride_kv_head + g * o->stride_group + s->b * o->stride_seq;
+}
+
+/* Row of key j (local) of sequence s in p->k / p->v: the packed row, or its page slot. */
+FDM_HOST_DEVICE int64_t fdm_key_row(const fdm_params *p, const fdm_seq *s, int64_t j) {
+    if (p->block_table == 0) return s->k_start + j;
+    const int64_t page = p->block_table[s->b * p->block_table_stride + j / p->page_size];
+    return page * p->page_size + j % p->page_size;
 }
 
 /* Causal (bottom-right aligned): query i sees keys j <= i + Lk - Lq. */

@@ -8,6 +8,9 @@
 
 namespace fdm {
 
+// Devices whose per-device launch state (the shared-memory opt-in) is cached; more are served uncached.
+constexpr int kMaxDevices = 64;
+
 // Launches fwd_kernel<T, kHeadDim> over the plan's grid on `stream`; returns an fdm_status.
 // Defined in fwd_launch_template.cuh, instantiated once per (T, kHeadDim) in instantiations/.
 template <class T, int kHeadDim>

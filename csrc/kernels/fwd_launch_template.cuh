@@ -16,8 +16,16 @@ int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
     if (num_ctas > 0x7fffffffLL) return FDM_ERR_GRID;
 
     auto kernel = fwd_kernel<T, kHeadDim>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes) != cudaSuccess)
-        return FDM_ERR_CUDA;
+    // The shared-memory opt-in is per (function, device) and costs microseconds of host time:
+    // done once per device (a benign race sets it twice at worst).
+    static bool smem_configured[kMaxDevices] = {};
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return FDM_ERR_CUDA;
+    if (device >= kMaxDevices || !smem_configured[device]) {
+        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes) != cudaSuccess)
+            return FDM_ERR_CUDA;
+        if (device < kMaxDevices) smem_configured[device] = true;
+    }
     kernel<<<static_cast<unsigned>(num_ctas), Tile::kThreads, Tile::kSmemBytes, stream>>>(p, plan);
     return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
 }
