@@ -13,6 +13,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 D = 128  # the probe's head dim
+CHUNK = 1024  # kGatherChunk
 MASK_NONE, MASK_KEY, MASK_QUERY = -1, 0, 1
 
 
@@ -33,11 +34,15 @@ def probe(tmp_path_factory):
     return run
 
 
+def align16(n):
+    return (n + 15) // 16 * 16
+
+
 def check_plan(problem, plan):
-    b, h, hk, max_q, max_k, block_m, block_n, sms, mask_layout, mask_group_stride = problem
-    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, workspace = plan
+    (b, h, hk, max_q, max_k, total_k, block_m, block_n, sms, ctas_per_sm, mask_layout, mask_group_stride,
+     force_splits, force_gather) = problem
+    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace = plan
     group = h // hk
-    key_tiles = math.ceil(max_k / block_n)
 
     # Packed GQA: only whole groups, never when a key-based mask differs across the group's heads.
     assert heads_per_cta in (1, group)
@@ -45,42 +50,73 @@ def check_plan(problem, plan):
         assert heads_per_cta == 1
     assert num_m_blocks == math.ceil(max_q * heads_per_cta / block_m)
 
+    # Gathered keys: only for key-based masks; forced either way, else from 2048 keys on.
+    if mask_layout != MASK_KEY or max_k == 0:
+        assert gather == 0
+    elif force_gather >= 0:
+        assert gather == force_gather
+    else:
+        assert gather == (max_k >= 2 * CHUNK)
+    key_tiles = math.ceil(max_k / CHUNK) * (CHUNK // block_n) if gather else math.ceil(max_k / block_n)
+
     # Split-KV: every key tile in exactly one non-empty range.
     assert 1 <= num_splits <= 128 and tiles_per_split >= 1
     assert num_splits * tiles_per_split >= key_tiles
     assert (num_splits - 1) * tiles_per_split < max(key_tiles, 1)
     ctas = num_m_blocks * (h // heads_per_cta) * b
-    if num_splits > 1:
-        assert ctas < sms, "splits only when the grid cannot fill the GPU"
+    if force_splits > 0:
+        assert num_splits <= min(force_splits, 128)
+        assert num_splits >= min(force_splits, key_tiles, 128) // 2
+    elif num_splits > 1:
+        assert ctas < 3 * sms * ctas_per_sm, "splits only when the grid holds few waves of CTAs"
         assert tiles_per_split >= 4
-        assert num_splits * ctas <= 2 * sms + ctas
-        assert workspace == num_splits * (b * max_q) * h * (D + 1) * 4
-    else:
-        assert workspace == 0
+
+    # Workspace: partial outputs and lse with split-KV, then the gathered lists and counts.
+    expect = 0
+    if num_splits > 1:
+        rows = num_splits * (b * max_q) * h
+        expect += align16(rows * D * 4) + align16(rows * 4)
+    if gather:
+        heads = hk * (group if mask_group_stride else 1)
+        expect += align16(heads * total_k * 4) + align16(heads * b * math.ceil(max_k / CHUNK) * 4)
+    assert workspace == expect
 
 
 def test_plan_invariants_on_random_problems(probe):
     rng = random.Random(20261123)
     problems = []
-    for _ in range(400):
+    for _ in range(600):
         hk = rng.choice([1, 2, 4, 8])
         h = hk * rng.choice([1, 2, 4, 8])
-        block_n = rng.choice([32, 64])
-        mask_layout = rng.choice([MASK_NONE, MASK_KEY, MASK_QUERY])
-        problems.append((rng.randint(1, 80), h, hk, rng.choice([0, 1, 2, 5, 8, 17, 64, 300, 4096]),
-                         rng.choice([0, 1, 63, 64, 65, 511, 512, 2000, 4096, 131072]), 64, block_n,
-                         rng.choice([0, 1, 108, 132]), mask_layout, rng.choice([0, 1])))
+        b = rng.randint(1, 80)
+        max_k = rng.choice([0, 1, 63, 64, 65, 511, 512, 2000, 4096, 131072])
+        total_k = max_k * rng.randint(1, b) if max_k else 0
+        problems.append((b, h, hk, rng.choice([0, 1, 2, 5, 8, 17, 64, 300, 4096]), max_k, total_k, 64,
+                         rng.choice([32, 64]), rng.choice([0, 1, 108, 132]), rng.choice([1, 2, 4]),
+                         rng.choice([MASK_NONE, MASK_KEY, MASK_QUERY]), rng.choice([0, 1]),
+                         rng.choice([0, 0, 1, 2, 7, 64, 500]), rng.choice([-1, -1, 0, 1])))
     for problem, plan in zip(problems, probe(problems)):
         check_plan(problem, plan)
 
 
 def test_plan_of_the_benchmark_shapes(probe):
-    decode_c = (1, 32, 8, 1, 131072, 64, 64, 132, MASK_KEY, 0)       # 1 sequence, 128k keys
-    decode_d = (64, 32, 8, 1, 4096, 64, 64, 132, MASK_KEY, 0)        # 64 sequences x 4k keys
-    per_head_mask = (1, 32, 8, 1, 131072, 64, 64, 132, MASK_KEY, 1)  # key mask with h' = H
-    prefill = (8, 32, 8, 8192, 8192, 64, 64, 132, MASK_NONE, 0)
-    plans = dict(zip(["c", "d", "per_head", "prefill"], probe([decode_c, decode_d, per_head_mask, prefill])))
-    assert plans["c"][0] == 4 and plans["c"][2] >= 16      # packed, split across the GPU
-    assert plans["d"][0] == 4 and plans["d"][2] == 1       # packed, enough CTAs already
+    def problem(b, max_q, max_k, total_k, mask=MASK_KEY, group_stride=0, force_splits=0, force_gather=-1):
+        return (b, 32, 8, max_q, max_k, total_k, 64, 64, 132, 2, mask, group_stride, force_splits, force_gather)
+
+    shapes = {
+        "a": problem(16, 8, 15835, 147000),                  # decode (a): 16 sequences of 2k-16k keys
+        "c": problem(1, 1, 131072, 131072),                  # 1 sequence, 128k keys
+        "d": problem(64, 1, 4096, 64 * 4096),                # 64 sequences x 4k keys
+        "e": problem(4, 2, 256, 1024),                       # the seed example
+        "per_head": problem(1, 1, 131072, 131072, group_stride=1),   # key mask with h' = H
+        "prefill": problem(8, 8192, 8192, 19968, mask=MASK_NONE),
+        "forced": problem(1, 1, 4096, 4096, force_splits=7, force_gather=0),
+    }
+    plans = dict(zip(shapes, probe(list(shapes.values()))))
+    assert plans["a"][0] == 4 and plans["a"][2] >= 8 and plans["a"][4] == 1   # packed, split, gathered
+    assert plans["c"][0] == 4 and plans["c"][2] >= 64                        # split across the GPU
+    assert plans["d"][0] == 4 and plans["d"][2] >= 2
+    assert plans["e"][4] == 0                                                # short: plain key tiles
     assert plans["per_head"][0] == 1 and plans["per_head"][2] >= 4
-    assert plans["prefill"][:3] == (1, 128, 1)             # neither packed nor split
+    assert plans["prefill"][:3] == (1, 128, 1)                               # neither packed nor split
+    assert plans["forced"][2] == 7 and plans["forced"][4] == 0

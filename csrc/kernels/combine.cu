@@ -16,14 +16,17 @@ constexpr int kCombineWarps = 4;  // one warp per (query row, head)
 
 template <class T>
 __global__ void __launch_bounds__(32 * kCombineWarps)
-    combine_kernel(const __grid_constant__ fdm_params p, int num_splits) {
+    combine_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan) {
+    const int num_splits = plan.num_splits;
     const int64_t pair = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
     if (pair >= p.total_q * p.num_heads) return;
     const int lane = threadIdx.x % 32;
     const int64_t q_row = pair / p.num_heads, h = pair % p.num_heads;
     const int64_t head_dim = p.head_dim;
-    const float *o_partial = static_cast<const float *>(p.workspace);               // (splits, total_q, H, D)
-    const float *lse_partial = o_partial + num_splits * p.total_q * p.num_heads * head_dim;  // (splits, H, total_q)
+    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    const unsigned char *base = static_cast<const unsigned char *>(p.workspace);
+    const float *o_partial = reinterpret_cast<const float *>(base + w.o_partial);      // (splits, total_q, H, D)
+    const float *lse_partial = reinterpret_cast<const float *>(base + w.lse_partial);  // (splits, H, total_q)
     auto lse_of = [&](int s) { return lse_partial[(s * p.num_heads + h) * p.total_q + q_row]; };
 
     float m = -INFINITY;
@@ -53,16 +56,16 @@ __global__ void __launch_bounds__(32 * kCombineWarps)
 }
 
 template <class T>
-int run_combine(const fdm_params &p, int num_splits, cudaStream_t stream) {
+int run_combine(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
     const int64_t pairs = p.total_q * p.num_heads;
     const int64_t blocks = (pairs + kCombineWarps - 1) / kCombineWarps;
     if (blocks == 0) return FDM_OK;
     if (blocks > 0x7fffffffLL) return FDM_ERR_GRID;
-    combine_kernel<T><<<static_cast<unsigned>(blocks), 32 * kCombineWarps, 0, stream>>>(p, num_splits);
+    combine_kernel<T><<<static_cast<unsigned>(blocks), 32 * kCombineWarps, 0, stream>>>(p, plan);
     return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
 }
 
-template int run_combine<__half>(const fdm_params &, int, cudaStream_t);
-template int run_combine<__nv_bfloat16>(const fdm_params &, int, cudaStream_t);
+template int run_combine<__half>(const fdm_params &, const FwdPlan &, cudaStream_t);
+template int run_combine<__nv_bfloat16>(const fdm_params &, const FwdPlan &, cudaStream_t);
 
 }  // namespace fdm

@@ -1,6 +1,7 @@
 // fdm_launch.cu: the plain-C entry points of the CUDA forward. Plans the launch (launch_plan.h),
 // picks the instantiation (dtype x tile head dim: the head dim rounded up to 32, 64, 96, 128, 192
-// or 256), launches it and, with split-KV, the combine kernel.
+// or 256), launches it: first the key compaction when gathering, then the forward, then with
+// split-KV the combine kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,14 +20,31 @@ int num_sms() {
     return sms;
 }
 
+int smem_bytes(int tile_head_dim) {
+    switch (tile_head_dim) {
+        case 32: return fdm::FwdTile<32>::kSmemBytes;
+        case 64: return fdm::FwdTile<64>::kSmemBytes;
+        case 96: return fdm::FwdTile<96>::kSmemBytes;
+        case 128: return fdm::FwdTile<128>::kSmemBytes;
+        case 192: return fdm::FwdTile<192>::kSmemBytes;
+        default: return fdm::FwdTile<256>::kSmemBytes;
+    }
+}
+
 fdm::FwdPlan plan_for(const fdm_params &p) {
-    return fdm::make_plan(p, fdm::kFwdBlockM, fdm::fwd_block_n(fdm::tile_head_dim(p.head_dim)), num_sms());
+    const int tile_head_dim = fdm::tile_head_dim(p.head_dim);
+    return fdm::make_plan(p, fdm::kFwdBlockM, fdm::fwd_block_n(tile_head_dim), num_sms(),
+                          fdm::fwd_ctas_per_sm(smem_bytes(tile_head_dim)));
 }
 
 template <class T>
 int forward(const fdm_params &p, cudaStream_t stream) {
     const fdm::FwdPlan plan = plan_for(p);
-    if (plan.num_splits > 1 && p.workspace == nullptr) return FDM_ERR_WORKSPACE;
+    if ((plan.num_splits > 1 || plan.gather) && p.workspace == nullptr) return FDM_ERR_WORKSPACE;
+    if (plan.gather) {
+        const int st = fdm::run_gather_keys(p, plan, stream);
+        if (st != FDM_OK) return st;
+    }
     int status = FDM_ERR_HEAD_DIM;
     switch (fdm::tile_head_dim(p.head_dim)) {
         case 32: status = fdm::run_fwd<T, 32>(p, plan, stream); break;
@@ -37,7 +55,7 @@ int forward(const fdm_params &p, cudaStream_t stream) {
         case 256: status = fdm::run_fwd<T, 256>(p, plan, stream); break;
         default: break;
     }
-    if (status == FDM_OK && plan.num_splits > 1) status = fdm::run_combine<T>(p, plan.num_splits, stream);
+    if (status == FDM_OK && plan.num_splits > 1) status = fdm::run_combine<T>(p, plan, stream);
     return status;
 }
 
@@ -45,7 +63,8 @@ int forward(const fdm_params &p, cudaStream_t stream) {
 
 extern "C" size_t fdm_cuda_workspace_size(const fdm_params *p) {
     if (fdm::tile_head_dim(p->head_dim) == 0) return 0;
-    return fdm::workspace_bytes(*p, plan_for(*p));
+    const fdm::FwdPlan plan = plan_for(*p);
+    return fdm::workspace_layout(p, &plan).total;
 }
 
 extern "C" int fdm_cuda_forward(const fdm_params *p, cudaStream_t stream) {

@@ -9,11 +9,13 @@
 //   P = online_softmax(X)           registers (softmax.cuh)
 //   O += P V_n                      mma.sync, P from registers, V via ldmatrix.trans
 // K/V tiles are double-buffered with cp.async: tile n+1 is in flight while tile n is computed.
-// Key tiles whose mask hides every pair are never loaded (prepare_key_tile). With split-KV the
-// CTA writes its normalized partial O and lse to the workspace for the combine kernel.
+// Key tiles whose mask hides every pair are never loaded, and with gathered keys a tile holds
+// only visible keys (key_tiles.cuh). With split-KV the CTA writes its normalized partial O and lse
+// to the workspace for the combine kernel.
 #pragma once
 
 #include "../fdm_params.h"
+#include "key_tiles.cuh"
 #include "launch_plan.h"
 #include "masking.cuh"
 #include "softmax.cuh"
@@ -54,45 +56,54 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     const int valid_rows = static_cast<int>(min_i64(kBlockM, ctx.seq.len_q * P - ctx.m0));
 
     // Keys past the causal limit of the block's last query are never visited; this CTA's key range
-    // is tiles [n_begin, n_stop).
-    int64_t key_end = ctx.seq.len_k;
+    // is tiles [n_begin, n_stop) (virtual tiles of kGatherChunk-key chunks when gathering).
+    ctx.key_end = ctx.seq.len_k;
     if (p.is_causal)
-        key_end = min_i64(key_end, fdm_causal_last_key(&ctx.seq, (ctx.m0 + valid_rows - 1) / P) + 1);
-    const int num_n_tiles = key_end > 0 ? static_cast<int>((key_end + kBlockN - 1) / kBlockN) : 0;
+        ctx.key_end = min_i64(ctx.key_end, fdm_causal_last_key(&ctx.seq, (ctx.m0 + valid_rows - 1) / P) + 1);
+    int num_n_tiles = 0;
+    if (ctx.key_end > 0)
+        num_n_tiles = plan.gather ? static_cast<int>((ctx.key_end + kGatherChunk - 1) / kGatherChunk) * plan.tiles_per_chunk
+                                  : static_cast<int>((ctx.key_end + kBlockN - 1) / kBlockN);
     const int n_begin = split * plan.tiles_per_split;
     const int n_stop = static_cast<int>(min_i64(num_n_tiles, n_begin + plan.tiles_per_split));
+    const GatheredKeys gathered = plan.gather ? GatheredKeys::of(p, plan, ctx) : GatheredKeys{nullptr, nullptr};
 
     extern __shared__ __align__(16) unsigned char smem[];
-    T *q_s = reinterpret_cast<T *>(smem);                           // (kBlockM, kStride)
-    T *k_s = q_s + Tile::kQElems;                                   // (kStages, kBlockN, kStride)
-    T *v_s = k_s + Tile::kStages * Tile::kKVElems;                  // (kStages, kBlockN, kStride)
-    float *kbias_s = reinterpret_cast<float *>(v_s + Tile::kStages * Tile::kKVElems);  // (kStages, kBlockN)
-    uint8_t *kmask_s = reinterpret_cast<uint8_t *>(kbias_s + Tile::kStages * kBlockN);  // (kStages, kBlockN)
+    T *q_s = reinterpret_cast<T *>(smem);                                 // (kBlockM, kStride)
+    T *k_s = q_s + Tile::kQElems;                                         // (kStages, kBlockN, kStride)
+    T *v_s = k_s + Tile::kStages * Tile::kKVElems;                        // (kStages, kBlockN, kStride)
+    int64_t *row_s = reinterpret_cast<int64_t *>(v_s + Tile::kStages * Tile::kKVElems);  // (kStages, kBlockN)
+    float *bias_s = reinterpret_cast<float *>(row_s + Tile::kStages * kBlockN);          // (kStages, kBlockN)
+    int *key_s = reinterpret_cast<int *>(bias_s + Tile::kStages * kBlockN);              // (kStages, kBlockN)
+    uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + Tile::kStages * kBlockN);      // (kStages, kBlockN)
+    const auto key_stage = [&](int stage) {
+        return KeyStage{row_s + stage * kBlockN, bias_s + stage * kBlockN, key_s + stage * kBlockN,
+                        keep_s + stage * kBlockN};
+    };
 
+    // Q rows of the block: row r is query (m0 + r) / P of head h0 + (m0 + r) % P.
     const T *q_g = static_cast<const T *>(p.q) + ctx.seq.q_start * p.q_row_stride + h0 * p.q_head_stride;
-    const T *k_g = static_cast<const T *>(p.k) + ctx.seq.k_start * p.k_row_stride + ctx.hk * p.k_head_stride;
-    const T *v_g = static_cast<const T *>(p.v) + ctx.seq.k_start * p.v_row_stride + ctx.hk * p.v_head_stride;
     const int head_dim = static_cast<int>(p.head_dim);
-
-    load_packed_rows_async<Tile, kBlockM>(q_s, q_g, ctx.m0, P, p.q_row_stride, p.q_head_stride, valid_rows,
-                                          head_dim);
+    load_rows_async<Tile, kBlockM>(
+        q_s,
+        [&](int r) -> const T * {
+            const int packed = ctx.m0 + r;
+            return r < valid_rows ? q_g + (packed / P) * p.q_row_stride + (packed % P) * p.q_head_stride : nullptr;
+        },
+        q_g, head_dim);
     cp_async_commit();
 
-    // Finds the first visible key tile at or after n, staging its key-based mask/bias in `stage`.
+    // Finds the first visible key tile at or after n, staging its per-key data in `stage`.
     auto next_visible = [&](int n, int stage) {
-        while (n < n_stop &&
-               !prepare_key_tile<Tile>(p, ctx, n, kmask_s + stage * kBlockN, kbias_s + stage * kBlockN))
+        while (true) {
+            if (plan.gather) n = skip_empty_subtiles<Tile>(plan, gathered, n, n_stop);
+            if (n >= n_stop || prepare_key_tile<Tile>(p, plan, ctx, gathered, n, key_stage(stage))) return n;
             ++n;
-        return n;
+        }
     };
     auto load_kv_async = [&](int n, int stage) {
-        const int j0 = n * kBlockN;
-        const int valid_keys = static_cast<int>(min_i64(kBlockN, ctx.seq.len_k - j0));
-        load_tile_async<Tile, kBlockN>(k_s + stage * Tile::kKVElems, k_g + j0 * p.k_row_stride, p.k_row_stride,
-                                       valid_keys, head_dim);
-        load_tile_async<Tile, kBlockN>(v_s + stage * Tile::kKVElems, v_g + j0 * p.v_row_stride, p.v_row_stride,
-                                       valid_keys, head_dim);
-        cp_async_commit();
+        load_key_tile_async<Tile>(p, plan, ctx, n, key_stage(stage), k_s + stage * Tile::kKVElems,
+                                  v_s + stage * Tile::kKVElems);
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -143,7 +154,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
             }
 
             // X = transform(S) in the log2 domain.
-            transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, kmask_s + stage * kBlockN, kbias_s + stage * kBlockN);
+            const KeyStage st = key_stage(stage);
+            transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, st.keep, st.bias, plan.gather ? st.key : nullptr);
             softmax.update(s, acc_o);
 
             // O += P V: P (16, kBlockN) as A fragments straight from the S accumulators.
@@ -175,8 +187,9 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     // CTA's partial goes to the workspace: o_partial (splits, total_q, H, D), lse_partial (splits, H, total_q).
     float lse[2];
     softmax.finalize(acc_o, lse);
-    float *o_partial = static_cast<float *>(p.workspace);
-    float *lse_partial = o_partial + static_cast<int64_t>(plan.num_splits) * p.total_q * p.num_heads * head_dim;
+    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    float *o_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.o_partial);
+    float *lse_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.lse_partial);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = warp_row0 + gid + r * 8;

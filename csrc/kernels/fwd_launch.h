@@ -16,8 +16,11 @@ constexpr int kMaxDevices = 64;
 template <class T, int kHeadDim>
 int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
 
-// Merges the num_splits partial results in p.workspace into out and lse (combine.cu).
+// Merges the plan's num_splits partial results in p.workspace into out and lse (combine.cu).
 template <class T>
-int run_combine(const fdm_params &p, int num_splits, cudaStream_t stream);
+int run_combine(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
+
+// Writes the gathered key lists of a key-based mask into p.workspace (key_gather.cu).
+int run_gather_keys(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
 
 }  // namespace fdm

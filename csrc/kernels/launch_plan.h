@@ -1,26 +1,40 @@
 // launch_plan.h: the launch heuristics of the forward, decided on the host from sizes alone (no
-// device data is read, so a call can be captured in a CUDA graph).
+// device data is read, so a call can be captured in a CUDA graph), and the workspace layout they
+// imply (read by the host to size it and by the kernels to address it).
 //
-// Two decisions, both aimed at decoding (few queries, many keys):
+// Three decisions, aimed at decoding (few queries, many keys) and sparse key masks:
 //   packed GQA: the P = G query heads that share a KV head become rows of one CTA (row R of a
 //     block is query R / P of head h0 + R % P), so each K/V tile is loaded once for all of them.
-//   split-KV: when the CTAs cannot fill the GPU, each (row block, head block) is cut into
-//     num_splits key ranges computed by separate CTAs; a combine kernel merges their partial
+//   split-KV: when the CTAs are too few for a balanced GPU, each (row block, head block) is cut
+//     into num_splits key ranges computed by separate CTAs; a combine kernel merges their partial
 //     outputs by their log-sum-exp (flash-decoding).
+//   gathered keys: with a key-based mask, a compaction pass (key_gather.cu) lists the visible keys
+//     of every kGatherChunk-key chunk, and the kernel's key tiles are filled from those lists, so
+//     work and K/V bytes scale with the visible keys. Tile n of a CTA is then "virtual": subtile
+//     n % tiles_per_chunk of chunk n / tiles_per_chunk (empty subtiles are skipped).
 #pragma once
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "../fdm_params.h"
 
 namespace fdm {
 
+constexpr int kGatherChunk = 1024;     // keys per compaction chunk (a multiple of every kBlockN)
+constexpr int kMaxSplits = 128;        // split-KV ranges per row block at most
+constexpr int kMinSplitTiles = 8;      // key tiles per range at least (amortizes the partial write)
+constexpr int kWavesWanted = 3;        // split until the grid holds about this many waves of CTAs
+
 // Kernel argument: how the grid maps onto the problem.
 struct FwdPlan {
     int heads_per_cta;      // P: query heads packed into the rows of one CTA (G or 1)
     int num_m_blocks;       // row blocks per (sequence, head block): ceil(max_seqlen_q * P / kBlockM)
     int num_splits;         // key ranges per row block (1: no split-KV)
-    int tiles_per_split;    // key tiles of kBlockN per range
+    int tiles_per_split;    // key tiles of kBlockN (virtual tiles when gathering) per range
+    int gather;             // 1: key tiles are filled from the gathered key lists
+    int tiles_per_chunk;    // kGatherChunk / kBlockN
+    int max_chunks;         // ceil(max_seqlen_k / kGatherChunk)
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
@@ -32,20 +46,43 @@ inline bool can_pack_gqa(const fdm_params &p, int block_m) {
     return group > 1 && mask_ok && bias_ok && p.max_seqlen_q * group <= 2 * block_m;
 }
 
-inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_sms) {
+// The gathered-key path pays off once a sequence spans a few chunks; FLASH_DMATTN_GATHER_KEYS
+// (p.force_gather) overrides the choice.
+inline bool use_gather(const fdm_params &p) {
+    if (p.mask.ptr == nullptr || p.mask.layout != FDM_LAYOUT_KEY || p.max_seqlen_k == 0) return false;
+    if (p.force_gather >= 0) return p.force_gather != 0;
+    return p.max_seqlen_k >= 2 * kGatherChunk;
+}
+
+// ctas_per_sm: resident CTAs of this instantiation per SM (tiles.cuh, fwd_ctas_per_sm).
+inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_sms, int ctas_per_sm) {
     FwdPlan plan;
     plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
     plan.num_m_blocks = static_cast<int>((p.max_seqlen_q * plan.heads_per_cta + block_m - 1) / block_m);
-    const int64_t ctas = static_cast<int64_t>(plan.num_m_blocks) * (p.num_heads / plan.heads_per_cta) * p.batch;
-    const int64_t key_tiles = (p.max_seqlen_k + block_n - 1) / block_n;
+    plan.gather = use_gather(p) ? 1 : 0;
+    plan.tiles_per_chunk = kGatherChunk / block_n;
+    plan.max_chunks = static_cast<int>((p.max_seqlen_k + kGatherChunk - 1) / kGatherChunk);
+    const int64_t key_tiles = plan.gather ? static_cast<int64_t>(plan.max_chunks) * plan.tiles_per_chunk
+                                          : (p.max_seqlen_k + block_n - 1) / block_n;
+    const int64_t head_blocks = p.num_heads / plan.heads_per_cta;
+    const int64_t ctas = static_cast<int64_t>(plan.num_m_blocks) * head_blocks * p.batch;
+    const int64_t slots = static_cast<int64_t>(num_sms) * (ctas_per_sm > 0 ? ctas_per_sm : 1);
     int64_t splits = 1;
-    if (ctas > 0 && ctas < num_sms && key_tiles >= 8) {
-        // About two CTAs per SM, each range at least 4 key tiles, at most 128 ranges.
-        splits = (2 * num_sms + ctas - 1) / ctas;
-        if (splits > key_tiles / 4) splits = key_tiles / 4;
-        if (splits > 128) splits = 128;
-        if (splits < 1) splits = 1;
+    if (p.force_num_splits > 0) {
+        splits = p.force_num_splits;
+    } else if (ctas > 0 && num_sms > 0 && ctas < kWavesWanted * slots && key_tiles >= 2 * kMinSplitTiles) {
+        // The whole grid's key-tile work, from the host-known total_k (the lengths themselves stay
+        // on the device): ranges of about work / (kWavesWanted * slots) tiles keep every SM busy
+        // to the end even when the lengths differ widely.
+        const int64_t work = plan.num_m_blocks * head_blocks * ((p.total_k + block_n - 1) / block_n);
+        int64_t per_split = (work + kWavesWanted * slots - 1) / (kWavesWanted * slots);
+        if (per_split < kMinSplitTiles) per_split = kMinSplitTiles;
+        splits = (key_tiles + per_split - 1) / per_split;
     }
+    if (splits > kMaxSplits) splits = kMaxSplits;
+    if (splits > key_tiles) splits = key_tiles;
+    if (splits < 1) splits = 1;
+    // Equal ranges; then drop ranges left empty by the rounding.
     plan.tiles_per_split = static_cast<int>((key_tiles + splits - 1) / splits);
     if (plan.tiles_per_split < 1) plan.tiles_per_split = 1;
     plan.num_splits = static_cast<int>((key_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split);
@@ -53,11 +90,44 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     return plan;
 }
 
-// Split-KV scratch: o_partial (num_splits, total_q, H, D) float, then lse_partial (num_splits, H, total_q).
-inline size_t workspace_bytes(const fdm_params &p, const FwdPlan &plan) {
-    if (plan.num_splits <= 1) return 0;
-    const size_t rows = static_cast<size_t>(plan.num_splits) * p.total_q * p.num_heads;
-    return rows * (p.head_dim + 1) * sizeof(float);
+// Gathered key lists are kept per distinct mask head: h' = H gives one list per query head,
+// h' = H_k one per KV head, h' = 1 one in all (the mask's zero strides say which).
+FDM_HOST_DEVICE int64_t gather_kv_heads(const fdm_params *p) { return p->mask.stride_kv_head != 0 ? p->num_heads_k : 1; }
+FDM_HOST_DEVICE int64_t gather_group_heads(const fdm_params *p) {
+    return p->mask.stride_group != 0 ? p->num_heads / p->num_heads_k : 1;
+}
+FDM_HOST_DEVICE int64_t gather_list_head(const fdm_params *p, int64_t hk, int64_t g) {
+    return (gather_kv_heads(p) > 1 ? hk : 0) * gather_group_heads(p) + (gather_group_heads(p) > 1 ? g : 0);
+}
+
+// The workspace, in bytes from its start (every part 16-byte aligned):
+//   o_partial   (num_splits, total_q, H, D) float     split-KV partial outputs   } num_splits > 1
+//   lse_partial (num_splits, H, total_q) float        their log-sum-exps         }
+//   keys        (list heads, total_k) int32           gathered keys: the visible local key indices
+//                                                     of each chunk, ascending, from the chunk's
+//                                                     first row (k_start + chunk * kGatherChunk)
+//   counts      (list heads, B, max_chunks) int32     visible keys per chunk
+struct WorkspaceLayout {
+    size_t o_partial, lse_partial, keys, counts, total;
+};
+
+FDM_HOST_DEVICE size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+FDM_HOST_DEVICE WorkspaceLayout workspace_layout(const fdm_params *p, const FwdPlan *plan) {
+    WorkspaceLayout w;
+    size_t at = 0;
+    const size_t split_rows = plan->num_splits > 1 ? static_cast<size_t>(plan->num_splits) * p->total_q * p->num_heads : 0;
+    w.o_partial = at;
+    at += align16(split_rows * p->head_dim * sizeof(float));
+    w.lse_partial = at;
+    at += align16(split_rows * sizeof(float));
+    const size_t list_heads = plan->gather ? static_cast<size_t>(gather_kv_heads(p) * gather_group_heads(p)) : 0;
+    w.keys = at;
+    at += align16(list_heads * p->total_k * sizeof(int32_t));
+    w.counts = at;
+    at += align16(list_heads * p->batch * plan->max_chunks * sizeof(int32_t));
+    w.total = at;
+    return w;
 }
 
 }  // namespace fdm

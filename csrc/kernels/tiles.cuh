@@ -33,17 +33,24 @@ struct FwdTile {
     static constexpr int kChunksPerRow = kHeadDim / 8;          // 16-byte chunks per row
     static constexpr int kStages = 2;                           // K/V double buffer
 
-    // Shared memory, in this order (all 16-byte aligned):
+    // Shared memory, in this order (every array aligned to its element size, the tiles to 16 bytes):
     //   q_s      (kBlockM, kRowStride)                  Q tile
     //   k_s      (kStages, kBlockN, kRowStride)         K tiles
     //   v_s      (kStages, kBlockN, kRowStride)         V tiles
-    //   kbias_s  (kStages, kBlockN) float               key-based bias of the tile
-    //   kmask_s  (kStages, kBlockN) uint8               key-based mask of the tile (1 = keep)
+    //   then per stage, one entry per key column of the tile (key_tiles.cuh, KeyStage):
+    //   row_s    (kStages, kBlockN) int64               K/V row of the column (-1: zero-filled)
+    //   bias_s   (kStages, kBlockN) float               key-based bias
+    //   key_s    (kStages, kBlockN) int32               local key index j (gathered tiles)
+    //   keep_s   (kStages, kBlockN) uint8               key-based mask (1 = keep)
     static constexpr int kQElems = kBlockM * kRowStride;
     static constexpr int kKVElems = kBlockN * kRowStride;
-    static constexpr int kSmemBytes =
-        2 * (kQElems + 2 * kStages * kKVElems) + kStages * kBlockN * (int)(sizeof(float) + 1);
+    static constexpr int kKeyStageBytes = kBlockN * (8 + 4 + 4 + 1);
+    static constexpr int kSmemBytes = 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;
 };
+
+// Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by
+// CTAs, 1 KB reserved per CTA); the launch plan sizes its waves with it.
+constexpr int fwd_ctas_per_sm(int smem_bytes) { return (227 * 1024) / (smem_bytes + 1024); }
 
 // Tile head dim serving a real head dim (multiple of 8, <= 256); 0 when none does.
 inline int tile_head_dim(int64_t d) {
@@ -71,43 +78,21 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Copies rows [0, kRows) of a (rows, head_dim) global matrix (row pitch g_row_stride elements)
-// into a (kRows, kRowStride) shared tile. Rows >= valid_rows and columns >= head_dim become 0,
-// so padded keys contribute 0 * 0 and never NaN.
-template <class Tile, int kRows, class T>
-__device__ __forceinline__ void load_tile_async(T *s_tile, const T *g_tile, int64_t g_row_stride, int valid_rows,
-                                                int head_dim) {
+// Copies kRows rows into a (kRows, kRowStride) shared tile. row_ptr(r) is the global address of
+// row r (head_dim elements, 16-byte aligned) or nullptr for a row to zero-fill; columns >= head_dim
+// become 0 too, so padded keys contribute 0 * 0 and never NaN. `any_valid` is any readable global
+// address (cp.async wants one even when it copies 0 bytes).
+template <class Tile, int kRows, class T, class RowPtr>
+__device__ __forceinline__ void load_rows_async(T *s_tile, const RowPtr &row_ptr, const T *any_valid, int head_dim) {
     constexpr int kChunks = kRows * Tile::kChunksPerRow;
     static_assert(kChunks % Tile::kThreads == 0, "every thread copies the same number of chunks");
 #pragma unroll
     for (int it = 0; it < kChunks / Tile::kThreads; ++it) {
         const int c = threadIdx.x + it * Tile::kThreads;
         const int row = c / Tile::kChunksPerRow, col = (c % Tile::kChunksPerRow) * 8;
-        const bool valid = row < valid_rows && col < head_dim;
-        const T *src = valid ? g_tile + row * g_row_stride + col : g_tile;
-        cp_async_16(smem_addr(s_tile + row * Tile::kRowStride + col), src, valid);
-    }
-}
-
-// Copies the Q rows of a packed-GQA block into a (kRows, kRowStride) shared tile: block row r is
-// row R = m0 + r of the (query, head) packing, i.e. query R / P of head R % P (P = 1: plain rows).
-// Rows >= valid_rows and columns >= head_dim become 0.
-template <class Tile, int kRows, class T>
-__device__ __forceinline__ void load_packed_rows_async(T *s_tile, const T *g_base, int m0, int heads_per_cta,
-                                                       int64_t g_row_stride, int64_t g_head_stride,
-                                                       int valid_rows, int head_dim) {
-    constexpr int kChunks = kRows * Tile::kChunksPerRow;
-    static_assert(kChunks % Tile::kThreads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-    for (int it = 0; it < kChunks / Tile::kThreads; ++it) {
-        const int c = threadIdx.x + it * Tile::kThreads;
-        const int row = c / Tile::kChunksPerRow, col = (c % Tile::kChunksPerRow) * 8;
-        const bool valid = row < valid_rows && col < head_dim;
-        const int packed = m0 + row;
-        const T *src = valid ? g_base + (packed / heads_per_cta) * g_row_stride +
-                                   (packed % heads_per_cta) * g_head_stride + col
-                             : g_base;
-        cp_async_16(smem_addr(s_tile + row * Tile::kRowStride + col), src, valid);
+        const T *src = row_ptr(row);
+        const bool valid = src != nullptr && col < head_dim;
+        cp_async_16(smem_addr(s_tile + row * Tile::kRowStride + col), valid ? src + col : any_valid, valid);
     }
 }
 

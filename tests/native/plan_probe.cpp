@@ -1,14 +1,17 @@
 // Prints the CUDA launch plan (launch_plan.h, host-only code) for sizes read from stdin, one line
-// per problem: "B H H_k max_q max_k block_m block_n sms mask_layout mask_group_stride" ->
-// "heads_per_cta num_m_blocks num_splits tiles_per_split workspace_bytes". Used by test_launch_plan.py.
+// per problem: "B H H_k max_q max_k total_k block_m block_n sms ctas_per_sm mask_layout
+// mask_group_stride force_splits force_gather" -> "heads_per_cta num_m_blocks num_splits
+// tiles_per_split gather workspace_bytes". Used by test_launch_plan.py.
 #include <cstdio>
 
 #include "../../csrc/kernels/launch_plan.h"
 
 int main() {
-    long long b, h, hk, max_q, max_k, block_m, block_n, sms, mask_layout, mask_group_stride;
-    while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &b, &h, &hk, &max_q, &max_k, &block_m,
-                      &block_n, &sms, &mask_layout, &mask_group_stride) == 10) {
+    long long b, h, hk, max_q, max_k, total_k, block_m, block_n, sms, ctas_per_sm, mask_layout, mask_group_stride,
+        force_splits, force_gather;
+    while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &b, &h, &hk, &max_q,
+                      &max_k, &total_k, &block_m, &block_n, &sms, &ctas_per_sm, &mask_layout, &mask_group_stride,
+                      &force_splits, &force_gather) == 14) {
         fdm_params p = {};
         p.batch = b;
         p.num_heads = h;
@@ -17,16 +20,19 @@ int main() {
         p.max_seqlen_q = max_q;
         p.max_seqlen_k = max_k;
         p.total_q = b * max_q;
-        p.total_k = b * max_k;
+        p.total_k = total_k;
+        p.force_num_splits = (int)force_splits;
+        p.force_gather = (int)force_gather;
         static const char mask_byte = 1;
         if (mask_layout >= 0) {
             p.mask.ptr = &mask_byte;
             p.mask.layout = mask_layout == 0 ? FDM_LAYOUT_KEY : FDM_LAYOUT_QUERY;
+            p.mask.stride_kv_head = 1;
             p.mask.stride_group = mask_group_stride;
         }
-        const fdm::FwdPlan plan = fdm::make_plan(p, (int)block_m, (int)block_n, (int)sms);
-        std::printf("%d %d %d %d %zu\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits, plan.tiles_per_split,
-                    fdm::workspace_bytes(p, plan));
+        const fdm::FwdPlan plan = fdm::make_plan(p, (int)block_m, (int)block_n, (int)sms, (int)ctas_per_sm);
+        std::printf("%d %d %d %d %d %zu\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
+                    plan.tiles_per_split, plan.gather, fdm::workspace_layout(&p, &plan).total);
     }
     return 0;
 }

@@ -1,0 +1,84 @@
+// key_gather.cu: the compaction pass of the gathered-key path (launch_plan.h). For every
+// (mask list head, sequence b, chunk ch of kGatherChunk keys) one CTA reads the key-based mask of
+// the chunk's keys and writes, in ascending order, the local indices j of the visible ones:
+//   keys[head, k_start + ch * kGatherChunk + e] = e-th visible key of the chunk   (e < count)
+//   counts[head, b, ch] = count
+// Each list lives in the chunk's own rows, so no prefix sum across chunks (and no second pass)
+// is needed; the forward kernel reads a chunk's list only up to its count.
+#include <stdint.h>
+
+#include "fwd_launch.h"
+#include "masking.cuh"
+#include "tiles.cuh"
+
+namespace fdm {
+
+constexpr int kGatherThreads = 256;
+constexpr int kKeysPerThread = kGatherChunk / kGatherThreads;  // consecutive keys of one thread
+static_assert(kKeysPerThread <= 32, "a thread's keep flags fit one 32-bit word");
+
+__global__ void __launch_bounds__(kGatherThreads)
+    gather_keys_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, int32_t *keys, int32_t *counts) {
+    int64_t idx = blockIdx.x;
+    const int chunk = static_cast<int>(idx % plan.max_chunks);
+    idx /= plan.max_chunks;
+    const int64_t b = idx % p.batch, head = idx / p.batch;
+    fdm_seq seq = fdm_seq_of(&p, b);
+    seq.len_k = min_i64(seq.len_k, p.max_seqlen_k);
+    const int chunk_start = chunk * kGatherChunk;
+    if (chunk_start >= seq.len_k) return;  // the forward never reads this chunk
+    // A representative (KV head, group index) of the list head (launch_plan.h, gather_list_head).
+    const int64_t group_heads = gather_group_heads(&p);
+    const int64_t hk = head / group_heads, g = head % group_heads;
+
+    // keep bit e: key j = first + e is visible.
+    const int first = chunk_start + threadIdx.x * kKeysPerThread;
+    uint32_t keep = 0;
+#pragma unroll
+    for (int e = 0; e < kKeysPerThread; ++e) {
+        const int j = first + e;
+        if (j < seq.len_k && mask_keeps(p.mask, fdm_operand_offset(&p.mask, &seq, hk, g, 0, j))) keep |= 1u << e;
+    }
+
+    // Exclusive prefix sum of the per-thread counts over the CTA: within the warp by shuffles,
+    // then across the warps through shared memory.
+    __shared__ int warp_total[kGatherThreads / 32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int mine = __popc(keep);
+    int inclusive = mine;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+        const int up = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (lane >= o) inclusive += up;
+    }
+    if (lane == 31) warp_total[warp] = inclusive;
+    __syncthreads();
+    int offset = inclusive - mine, count = 0;
+#pragma unroll
+    for (int w = 0; w < kGatherThreads / 32; ++w) {
+        if (w < warp) offset += warp_total[w];
+        count += warp_total[w];
+    }
+
+    int32_t *list = keys + head * p.total_k + seq.k_start + chunk_start;  // (kGatherChunk,) at most
+    while (keep != 0) {
+        const int e = __ffs(keep) - 1;
+        list[offset++] = first + e;
+        keep &= keep - 1;
+    }
+    if (threadIdx.x == 0) counts[(head * p.batch + b) * plan.max_chunks + chunk] = count;
+}
+
+int run_gather_keys(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
+    const int64_t heads = gather_kv_heads(&p) * gather_group_heads(&p);
+    const int64_t blocks = heads * p.batch * plan.max_chunks;
+    if (blocks == 0) return FDM_OK;
+    if (blocks > 0x7fffffffLL) return FDM_ERR_GRID;
+    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    unsigned char *base = static_cast<unsigned char *>(p.workspace);
+    gather_keys_kernel<<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
+        p, plan, reinterpret_cast<int32_t *>(base + w.keys), reinterpret_cast<int32_t *>(base + w.counts));
+    return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
+}
+
+}  // namespace fdm
