@@ -4,10 +4,16 @@
     python benchmarks/bench_varlen.py                       # cuda if available, else cpu; all suites
     python benchmarks/bench_varlen.py --device cpu --quick
     python benchmarks/bench_varlen.py --device cuda --suite decode --markdown docs/benchmarks.md
+    python benchmarks/bench_varlen.py --device cpu --suite paged --quick
 
 Suites (benchmarks/shapes.py): on CPU a decode-like and a prefill-like shape in float32 and
 bfloat16 plus the seed example (issue 2); on CUDA the decode shapes of issue 4 and the prefill
-shapes of issue 5. Peers (benchmarks/peers.py): "sdpa" = scaled_dot_product_attention on the
+shapes of issue 5. "paged" (issue 7; in "all" on CUDA): decode-a .. decode-d (CPU: the float32
+decode-like shapes) with the contiguous K/V and with paged caches of page sizes 1, 16 and 256
+(shuffled pages of a pool with spare pages, one block table for K and V), ours only; each paged
+output must match the contiguous one (PAGED_TOL) before it is timed, and the table gives each
+paged time as a multiple of the contiguous time (issue 7: page size >= 16 within 1.10x, page
+size 1 within 1.30x). Peers (benchmarks/peers.py): "sdpa" = scaled_dot_product_attention on the
 padded batch with a materialized mask (timed call only; its build is shown separately), and
 "flex" = compiled FlexAttention on the packed batch (CUDA; its block-mask build is shown
 separately).
@@ -30,6 +36,7 @@ Metrics:
   % bytes     byte floor / time, byte floor = (Q + K + V + mask + bias read once, O + LSE written
               once) / copy bandwidth measured in this run (a large device-to-device copy, bytes
               read + written over its time). A kernel that skips masked K/V can exceed 100%.
+              Paged rows add the block table entries used (4 bytes per page) to the floor.
   % FLOPs     dense FLOPs / tensor rate / time, tensor rate = an 8192^3 bf16 matmul in this run.
   memory      ours: the mask + bias tensors (key-based: O(total_k)); sdpa: padded Q, K, V, O and the
               materialized mask; flex: block mask + per-token index tensors + mask + bias.
@@ -58,12 +65,18 @@ sys.path.insert(0, HERE)
 sys.path.append(os.path.dirname(HERE))           # the repo root, for an uninstalled in-place build
 
 import peers                                      # noqa: E402
-from shapes import (Case, Inputs, Work, cpu_cases, cuda_decode_cases, cuda_prefill_cases,  # noqa: E402
-                    make_inputs, shrink, work_of)
+from shapes import (PAGE_SIZES, Case, Inputs, PagedCache, Work, cpu_cases, cpu_paged_cases,  # noqa: E402
+                    cuda_decode_cases, cuda_paged_cases, cuda_prefill_cases, make_inputs, make_paged,
+                    shrink, work_of)
 
 # Max error allowed against the reference: RTOL[dtype] * max|reference| + ATOL[dtype].
 RTOL = {torch.float32: 1e-4, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6}
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# Max |paged - contiguous| allowed (the same keys in the same order: only a different split of the
+# keys among CTAs may change the rounding).
+PAGED_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Issue 7: paged time / contiguous time at most this, per page size (page size >= 16, page size 1).
+PAGED_TARGET = {1: 1.30, 16: 1.10, 256: 1.10}
 GB = 1e9
 
 
@@ -175,6 +188,8 @@ class PeerResult:
     compile_detail: str = ""
     bytes: Optional[int] = None
     status: str = ""                      # "" when timed, else why not ("skipped (...)", "error: ...")
+    floor_bytes: Optional[int] = None     # paged: the byte floor plus the block table entries used
+    detail: str = ""                      # paged: the pool and block table
 
 
 @dataclass
@@ -185,6 +200,7 @@ class Row:
     ours: PeerResult = field(default_factory=PeerResult)
     ours_alloc: Optional[int] = None      # CUDA: peak bytes allocated during one call of ours
     peers: Dict[str, PeerResult] = field(default_factory=dict)
+    paged: Dict[int, PeerResult] = field(default_factory=dict)   # paged suite: page size -> ours on paged K/V
     wrong: bool = False
     seconds: float = 0.0                  # wall time of the whole case (inputs, checks, timing, compiles)
 
@@ -218,6 +234,16 @@ def run_ours(inp: Inputs):
         inp.q, inp.k, inp.v, attn_mask=inp.mask, attn_bias=inp.bias,
         cu_seqlens_q=inp.cu_seqlens_q, cu_seqlens_k=inp.cu_seqlens_k,
         max_seqlen_q=inp.max_seqlen_q, max_seqlen_k=inp.max_seqlen_k, is_causal=inp.causal)
+
+
+def run_paged(inp: Inputs, cache: PagedCache):
+    """Ours on the paged caches: the same call with key/value = the caches and their block table."""
+    import flash_dmattn
+    return flash_dmattn.flash_dmattn_varlen_func(
+        inp.q, cache.k, cache.v, attn_mask=inp.mask, attn_bias=inp.bias,
+        cu_seqlens_q=inp.cu_seqlens_q, cu_seqlens_k=inp.cu_seqlens_k,
+        max_seqlen_q=inp.max_seqlen_q, max_seqlen_k=inp.max_seqlen_k, is_causal=inp.causal,
+        block_table=cache.block_table)
 
 
 def bench_ours(row: Row, inp: Inputs, ref, timer: Timer):
@@ -309,6 +335,36 @@ def bench_flex(row: Row, inp: Inputs, ref, timer: Timer, compile: bool) -> PeerR
     return res
 
 
+def bench_paged(row: Row, inp: Inputs, contiguous: Optional[torch.Tensor], page_size: int,
+                timer: Timer) -> PeerResult:
+    """Ours on paged caches of one page size: checked against the contiguous output, then timed.
+    The caches are built here and freed before returning (one page size in memory at a time)."""
+    res = PeerResult()
+    if contiguous is None:
+        res.status = "not run (no contiguous output to check against)"
+        return res
+    cache = None
+    try:
+        cache = make_paged(inp, page_size, seed=row.case.seed * 1000 + page_size)
+        res.bytes, res.detail = cache.nbytes, cache.describe()
+        res.floor_bytes = row.work.bytes + 4 * cache.used_pages
+        out = run_paged(inp, cache)
+        res.err = _max_err(out, contiguous)
+        tol = PAGED_TOL[row.case.dtype]
+        if not res.err <= tol:
+            res.status = f"WRONG (max diff {res.err:.3g} > {tol:.3g})"
+            row.wrong = True
+            return res
+        del out
+        res.ms = timer.median_ms(lambda: run_paged(inp, cache))
+    except Exception as e:  # noqa: BLE001 - one failing page size must not end the run
+        res.status = _short_error(e)
+    finally:
+        cache = None                                # noqa: F841 - frees the caches before the next page size
+        _free(timer.device)
+    return res
+
+
 # A crash inside the library (a segfault, or a CUDA fault that poisons the context) cannot be
 # caught in-process. So before the real run, a child process calls our op once per case; a case
 # whose call killed the child (or left a CUDA error) is reported as an error and not called here.
@@ -321,6 +377,13 @@ def probe_child(args) -> int:
         try:
             inp = make_inputs(case, args.device)
             run_ours(inp)
+            if case.suite == "paged":                 # a paged call that raises is reported in its cell
+                for page_size in PAGE_SIZES:
+                    try:
+                        run_paged(inp, make_paged(inp, page_size, seed=case.seed * 1000 + page_size))
+                    except Exception as e:  # noqa: BLE001
+                        if args.device == "cuda" and "CUDA" in str(e):
+                            raise
             if args.device == "cuda":
                 torch.cuda.synchronize()
             print(f"PROBE\t{case.name}\tok", flush=True)
@@ -392,6 +455,36 @@ def run_case(case: Case, args, timer: Timer, probe_error: str = "") -> Row:
     return row
 
 
+def run_paged_case(case: Case, args, timer: Timer, probe_error: str = "") -> Row:
+    """Paged suite: ours on the contiguous K/V (checked against the reference, timed), then on
+    paged caches of each page size (checked against the contiguous output, timed)."""
+    row = Row(case)
+    dev = args.device
+    inp = make_inputs(case, dev)
+    row.work = work_of(case, inp)
+    row.ours.bytes = inp.nbytes("mask", "bias")
+    if probe_error:
+        row.ours.status = probe_error
+        return row
+    ref = None
+    if args.check:
+        ref_dtype = torch.float64 if dev == "cpu" else torch.float32
+        budget = (1 if dev == "cpu" else 4) * 2 ** 30
+        ref = peers.reference(case, inp, ref_dtype, budget)
+        row.tol = RTOL[case.dtype] * float(ref.abs().max().item() if ref.numel() else 0.0) + ATOL[case.dtype]
+    bench_ours(row, inp, ref, timer)
+    del ref
+    contiguous = None
+    if not row.ours.status:
+        contiguous = run_ours(inp).float()
+    _free(dev)
+    for page_size in PAGE_SIZES:
+        row.paged[page_size] = bench_paged(row, inp, contiguous, page_size, timer)
+    del contiguous, inp
+    _free(dev)
+    return row
+
+
 # ----------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +537,7 @@ def _err(row: Row) -> str:
     e = row.ours.err
     if e is None:
         return "-"
-    return f"{e:.2g} (tol {row.tol:.2g})" + (" WRONG" if row.wrong else "")
+    return f"{e:.2g} (tol {row.tol:.2g})" + ("" if e <= row.tol else " WRONG")
 
 
 def columns(device: str, suite: str, peer_names: List[str], floors) -> list:
@@ -497,6 +590,60 @@ def columns(device: str, suite: str, peer_names: List[str], floors) -> list:
                  lambda r: " / ".join(_fmt_bytes(f(r)) for _, f in mem)))
     if device == "cuda":
         cols.append(("ours alloc/call", lambda r: _fmt_bytes(r.ours_alloc)))
+    return cols
+
+
+def _paged_ms(row: Row, page_size: int) -> str:
+    p = row.paged.get(page_size)
+    if p is None:
+        return "-"
+    if p.status:
+        return p.status
+    ratio = f" ({p.ms / row.ours.ms:.2f}x)" if row.ours.ms else ""
+    return _fmt_ms(p.ms) + ratio
+
+
+def _paged_diff(row: Row) -> str:
+    diffs = [row.paged[ps].err for ps in PAGE_SIZES if ps in row.paged]
+    if not any(d is not None for d in diffs):
+        return "-"
+    return (" / ".join("-" if d is None else f"{d:.2g}" for d in diffs)
+            + f" (tol {PAGED_TOL[row.case.dtype]:.2g})")
+
+
+def _paged_target(row: Row) -> str:
+    """Issue 7's acceptance: every page size within its multiple of the contiguous time."""
+    if row.ours.ms is None or any(row.paged.get(ps) is None or row.paged[ps].ms is None for ps in PAGE_SIZES):
+        return "-"
+    missed = [f"ps={ps} {row.paged[ps].ms / row.ours.ms:.2f}x > {PAGED_TARGET[ps]:.2f}x" for ps in PAGE_SIZES
+              if row.paged[ps].ms / row.ours.ms > PAGED_TARGET[ps]]
+    return "met" if not missed else "missed: " + ", ".join(missed)
+
+
+def _paged_pct_bytes(row: Row, floors) -> str:
+    cells = [_pct_bytes(row, row.ours.ms, floors)]
+    for ps in PAGE_SIZES:
+        p = row.paged.get(ps)
+        if p is None or p.ms is None or not floors:
+            cells.append("-")
+        else:
+            cells.append(f"{100 * p.floor_bytes / floors['bandwidth'] / (p.ms * 1e-3):.0f}%")
+    return " / ".join(cells)
+
+
+def paged_columns(device: str, floors) -> list:
+    """(header, row -> cell) for the paged suite: ours on contiguous K/V and on each page size."""
+    sizes = " / ".join(f"ps={ps}" for ps in PAGE_SIZES)
+    cols = [("case", lambda r: r.case.name),
+            ("check: max err", _err),
+            (f"paged max diff vs contiguous ({sizes})", _paged_diff),
+            ("contiguous ms", lambda r: _cell(r.ours, _fmt_ms(r.ours.ms)))]
+    for ps in PAGE_SIZES:
+        cols.append((f"paged ps={ps} ms (x contiguous)", lambda r, ps=ps: _paged_ms(r, ps)))
+    cols.append(("issue 7 target (" + ", ".join(f"ps={ps} <= {PAGED_TARGET[ps]:.2f}x" for ps in PAGE_SIZES) + ")",
+                 _paged_target))
+    if device == "cuda":
+        cols.append((f"% byte floor (contiguous / {sizes})", lambda r: _paged_pct_bytes(r, floors)))
     return cols
 
 
@@ -555,6 +702,15 @@ def case_lines(row: Row, floors) -> List[str]:
         if res.bytes is not None:
             bits.append(f"mem {_fmt_bytes(res.bytes)}")
         out.append(f"  {name:5s} " + ", ".join(bits))
+    for ps, res in row.paged.items():
+        bits = [f"{_fmt_ms(res.ms)} ms" if res.ms is not None else res.status]
+        if res.ms is not None and row.ours.ms:
+            bits[0] += f" ({res.ms / row.ours.ms:.2f}x contiguous)"
+        if res.err is not None:
+            bits.append(f"max diff vs contiguous {res.err:.2g}")
+        if res.detail:
+            bits.append(res.detail)
+        out.append(f"  paged ps={ps}: " + ", ".join(bits))
     return out
 
 
@@ -564,15 +720,19 @@ def case_lines(row: Row, floors) -> List[str]:
 
 def select_cases(args) -> List[Case]:
     if args.device == "cpu" and not args.smoke:
-        cases = cpu_cases()
-        suites = {"decode": ["decode"], "prefill": ["prefill"], "all": ["decode", "prefill"]}[args.suite]
-        cases = [c for c in cases if c.suite in suites]
+        if args.suite == "paged":
+            cases = cpu_paged_cases()
+        else:
+            suites = {"decode": ["decode"], "prefill": ["prefill"], "all": ["decode", "prefill"]}[args.suite]
+            cases = [c for c in cpu_cases() if c.suite in suites]
     else:
         cases = []
         if args.suite in ("decode", "all"):
             cases += cuda_decode_cases()
         if args.suite in ("prefill", "all"):
             cases += cuda_prefill_cases()
+        if args.suite in ("paged", "all"):
+            cases += cuda_paged_cases()
         if args.smoke:
             cases = [shrink(c, 32) for c in cases]
     if args.only:
@@ -585,7 +745,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if has_cuda else "cpu")
-    p.add_argument("--suite", choices=["decode", "prefill", "all"], default="all")
+    p.add_argument("--suite", choices=["decode", "prefill", "paged", "all"], default="all",
+                   help='"all": decode and prefill, and paged on cuda')
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--markdown", metavar="PATH", help="append the result tables, as markdown, to PATH")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
@@ -652,7 +813,8 @@ def main(argv=None) -> int:
     for case in cases:
         t_case = time.perf_counter()
         try:
-            row = run_case(case, args, timer, probe.get(case.name, ""))
+            run = run_paged_case if case.suite == "paged" else run_case
+            row = run(case, args, timer, probe.get(case.name, ""))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory while drawing the inputs
             row = Row(case)
             row.ours.status = _short_error(e)
@@ -663,11 +825,17 @@ def main(argv=None) -> int:
         print("\n".join(case_lines(row, floors)), flush=True)
 
     sections = []
-    for suite in ("decode", "prefill"):
+    for suite in ("decode", "prefill", "paged"):
         suite_rows = [r for r in rows if r.case.suite == suite]
         if suite_rows:
             problems = "\n".join(f"- `{r.case.name}`: {r.case.describe()}" for r in suite_rows)
-            cols = columns(args.device, suite, args.peers, floors)
+            cols = (paged_columns(args.device, floors) if suite == "paged"
+                    else columns(args.device, suite, args.peers, floors))
+            if suite == "paged":
+                problems += ("\n\nOurs only: contiguous K/V, then K/V copied into paged caches of page size "
+                             + ", ".join(str(ps) for ps in PAGE_SIZES) + " (one page size in memory at a "
+                             "time; a pool with 1/8 spare pages in random order, one block table for K and "
+                             "V, unused slots NaN). Ratios are paged time / contiguous time.")
             sections.append(f"**{suite}**\n\n{problems}\n\n{markdown_table(suite_rows, cols)}")
     text = "\n".join(f"{line}  " for line in head) + "\n\n" + "\n\n".join(sections) + "\n"
     print("\n" + text)

@@ -9,6 +9,9 @@ A `Case` describes one packed varlen problem; `make_inputs` draws its tensors on
 * visible pairs: pairs also visible through the mask, summed over query heads: the "useful" rate.
 * bytes:         Q, K, V and mask/bias read once, O and LSE written once: the HBM byte floor.
 
+The paged suite (issue 7) runs decode cases on paged K/V caches: `paged_cases` names them, and
+`make_paged` copies a case's K and V into shuffled pages of a pool and builds the block table.
+
 FLOPs are 4 * pairs * D (two matmuls, QK^T and PV, of 2 FLOPs per multiply-add).
 """
 import random
@@ -190,6 +193,26 @@ def cuda_prefill_cases() -> List[Case]:
     ]
 
 
+# Issue 7: page sizes of the paged suite, timed against the contiguous cache in one run.
+PAGE_SIZES = (1, 16, 256)
+
+
+def _paged(case: Case) -> Case:
+    import dataclasses
+    note = (case.note + ", " if case.note else "") + "paged K/V caches"
+    return dataclasses.replace(case, name=case.name + "-paged", suite="paged", note=note)
+
+
+def cuda_paged_cases() -> List[Case]:
+    """Issue 7: the decode shapes decode-a .. decode-d of issue 4 on paged K/V caches."""
+    return [_paged(c) for c in cuda_decode_cases() if c.name in ("decode-a", "decode-b", "decode-c", "decode-d")]
+
+
+def cpu_paged_cases() -> List[Case]:
+    """The float32 decode-like CPU shapes (cpu-decode-fp32 and the seed example) on paged K/V caches."""
+    return [_paged(c) for c in cpu_cases((torch.float32,)) if c.suite == "decode"]
+
+
 def shrink(case: Case, factor: int) -> Case:
     """A tiny copy of a case with the same structure (for --smoke runs of the GPU suites on a CPU)."""
     import dataclasses
@@ -265,6 +288,65 @@ def _query_block_mask(case: Case, gen, device) -> torch.Tensor:
         mask[q0:q0 + lq, :, :lk] = full.permute(1, 0, 2)
         q0 += lq
     return mask
+
+
+@dataclass
+class PagedCache:
+    """K and V of one case in paged caches (num_pages, page_size, H_k, D) sharing one block table."""
+    k: torch.Tensor
+    v: torch.Tensor
+    block_table: torch.Tensor       # (B, max_pages) int32; entries past a sequence's last page are -1
+    page_size: int
+    used_pages: int                 # pages the sequences use; the rest of the pool is spare
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.block_table.nbytes
+
+    def describe(self) -> str:
+        return (f"pool {self.num_pages} pages of {self.page_size} ({self.used_pages} used), "
+                f"block table {tuple(self.block_table.shape)}, {self.nbytes / 1e6:.3g} MB")
+
+
+def make_paged(inp: Inputs, page_size: int, seed: int) -> PagedCache:
+    """Copy inp.k and inp.v into paged caches, as a serving engine holds them.
+
+    The pool has 1/8 spare pages; its pages are shuffled (torch.randperm) and each sequence takes
+    the next ceil(Lk / page_size) of them, so consecutive pages of a sequence lie anywhere in the
+    pool. Spare pages and the slots past each sequence's last key hold NaN: the op must not read
+    them (docs/api.md, "Paged KV cache"), and a read of one shows as a NaN in the output.
+    """
+    device = inp.k.device
+    lens = list(inp.seqlens_k)
+    pages = [-(-n // page_size) for n in lens]
+    used = sum(pages)
+    num_pages = used + used // 8 + 1
+    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
+    table = torch.full((len(lens), max(pages, default=1) or 1), -1, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(pages):
+        table[b, :n] = perm[start:start + n]
+        start += n
+    table = table.to(device)
+
+    # Logical key j of sequence b -> physical row block_table[b, j // page_size] * page_size + j % page_size.
+    total_k = inp.k.shape[0]
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=device),
+                                  torch.tensor(lens, device=device), output_size=total_k)
+    j = torch.arange(total_k, device=device) - inp.cu_seqlens_k[:-1].to(torch.int64)[seq]
+    rows = table.to(torch.int64)[seq, j // page_size] * page_size + j % page_size
+    del seq, j
+
+    def cache(x):
+        c = torch.full((num_pages, page_size) + tuple(x.shape[1:]), float("nan"), dtype=x.dtype, device=device)
+        c.view(num_pages * page_size, *x.shape[1:]).index_copy_(0, rows, x)
+        return c
+
+    return PagedCache(cache(inp.k), cache(inp.v), table, page_size, used)
 
 
 # ----------------------------------------------------------------------------------------------
