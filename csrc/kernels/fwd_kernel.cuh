@@ -94,10 +94,13 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     cp_async_commit();
 
     // Finds the first visible key tile at or after n, staging its per-key data in `stage`.
+    KeyColumn fetched_ahead;
+    fetched_ahead.n = -1;
     auto next_visible = [&](int n, int stage) {
         while (true) {
             if (plan.gather) n = skip_empty_subtiles<Tile>(plan, gathered, n, n_stop);
-            if (n >= n_stop || prepare_key_tile<Tile>(p, plan, ctx, gathered, n, key_stage(stage))) return n;
+            if (n >= n_stop || prepare_key_tile<Tile>(p, plan, ctx, gathered, n, n_stop, key_stage(stage), fetched_ahead))
+                return n;
             ++n;
         }
     };

@@ -8,7 +8,7 @@
 //               contiguous range, without its list).
 // prepare_key_tile stages, per key column c of the tile, into one pipeline stage:
 //   row[c]  = the K/V row of key j (fdm_key_row: packed row or page slot), -1 past the keys
-//   key[c]  = j, or kNoKey past the keys (gathered tiles only)
+//   key[c]  = j, or kNoKey past the keys (read by the scores only on gathered tiles)
 //   bias[c] = key-based bias of key j (0 past the keys)
 //   keep[c] = key-based mask of key j (contiguous tiles only; gathered keys are all kept)
 // and tells whether the tile holds any visible (query, key) pair: tiles that do not are skipped
@@ -62,63 +62,92 @@ __device__ __forceinline__ int skip_empty_subtiles(const FwdPlan &plan, const Ga
     return n;
 }
 
-// Stages tile n (see the top of the file) and tells whether it holds a visible pair; the same
-// answer in every thread. Ends with a CTA barrier whenever the K/V loader or the visibility test
-// reads what other threads staged.
+// What thread tid < kBlockN stages for column tid of a tile, read from global memory. Fetched one
+// tile ahead (prepare_key_tile), so its loads are in flight while the current tile is computed.
+struct KeyColumn {
+    int n;        // the tile it belongs to; -1: nothing fetched
+    int key;      // local key index j, kNoKey past the tile's keys
+    int64_t row;  // K/V row of j (-1: none; only paged or gathered tiles need it)
+    float bias;   // key-based bias of j (0 without one)
+    bool keep;    // key-based mask of j (contiguous tiles)
+};
+
+template <class Tile>
+__device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const FwdPlan &plan, const MaskContext &c,
+                                                      const GatheredKeys &gathered, int n) {
+    KeyColumn col;
+    col.n = n;
+    int j = n * Tile::kBlockN + static_cast<int>(threadIdx.x);
+    if (plan.gather) {
+        const int chunk = n / plan.tiles_per_chunk;
+        const int chunk_start = chunk * kGatherChunk;
+        const int count = gathered.counts[chunk];
+        const int chunk_len = static_cast<int>(min_i64(kGatherChunk, c.seq.len_k - chunk_start));
+        const int e = (n % plan.tiles_per_chunk) * Tile::kBlockN + threadIdx.x;  // entry of the chunk's list
+        j = kNoKey;
+        if (e < count) j = count == chunk_len ? chunk_start + e : gathered.keys[chunk_start + e];
+    } else if (j >= c.seq.len_k) {
+        j = kNoKey;
+    }
+    const bool has_key = j != kNoKey;
+    col.key = j;
+    col.row = has_key && (plan.gather || p.block_table != nullptr) ? fdm_key_row(&p, &c.seq, j) : -1;
+    col.bias = has_key && p.bias.ptr != nullptr && p.bias.layout == FDM_LAYOUT_KEY
+                   ? bias_value(p.bias, fdm_operand_offset(&p.bias, &c.seq, c.hk, c.g, 0, j))
+                   : 0.f;
+    col.keep = has_key && (plan.gather || p.mask.ptr == nullptr || p.mask.layout != FDM_LAYOUT_KEY ||
+                           mask_keeps(p.mask, fdm_operand_offset(&p.mask, &c.seq, c.hk, c.g, 0, j)));
+    return col;
+}
+
+// Whether the tile's (kBlockM, kBlockN) block of a query-based mask keeps any (row, key) pair
+// within the lengths and the causal limit. Every thread tests kElems consecutive keys of one row,
+// all loads issued together; the CTA ORs the answers.
+template <class Tile>
+__device__ __forceinline__ bool query_mask_block_any(const fdm_params &p, const MaskContext &c, int n) {
+    constexpr int kElems = Tile::kBlockM * Tile::kBlockN / Tile::kThreads;  // 32 or 16
+    constexpr int kThreadsPerRow = Tile::kBlockN / kElems;
+    const int row = threadIdx.x / kThreadsPerRow;
+    const int j_first = n * Tile::kBlockN + (threadIdx.x % kThreadsPerRow) * kElems;
+    const int packed = c.m0 + row;
+    const int i = packed / c.heads_per_cta, g = static_cast<int>(c.g) + packed % c.heads_per_cta;
+    if (i >= c.seq.len_q) return false;
+    const int64_t last = min_i64(c.seq.len_k - 1, c.is_causal ? fdm_causal_last_key(&c.seq, i) : c.seq.len_k - 1);
+    const int64_t row_off = fdm_operand_offset(&p.mask, &c.seq, c.hk, g, i, 0);
+    bool any = false;
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+        const int j = j_first + e;
+        any |= j <= last && mask_keeps(p.mask, row_off + int64_t(j) * p.mask.stride_k);
+    }
+    return any;
+}
+
+// Stages tile n (see the top of the file) into `st` and tells whether it holds a visible pair; the
+// same answer in every thread. `next` carries the columns fetched ahead: used when they are tile
+// n's, then refilled with tile n + 1's (when n + 1 < n_stop). Ends with a CTA barrier whenever
+// the K/V loader or the visibility test reads what other threads staged.
 template <class Tile>
 __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const MaskContext &c,
-                                 const GatheredKeys &gathered, int n, KeyStage st) {
-    constexpr int kBlockN = Tile::kBlockN;
+                                 const GatheredKeys &gathered, int n, int n_stop, KeyStage st, KeyColumn &next) {
     const int tid = threadIdx.x;
     const bool key_mask = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_KEY;
-    const bool key_bias = p.bias.ptr != nullptr && p.bias.layout == FDM_LAYOUT_KEY;
-    const bool paged = p.block_table != nullptr;
-
-    if (plan.gather) {
-        bool any = false;
-        if (tid < kBlockN) {
-            const int chunk = n / plan.tiles_per_chunk;
-            const int chunk_start = chunk * kGatherChunk;
-            const int count = gathered.counts[chunk];
-            const int chunk_len = static_cast<int>(min_i64(kGatherChunk, c.seq.len_k - chunk_start));
-            const int e = (n % plan.tiles_per_chunk) * kBlockN + tid;  // entry of the chunk's list
-            int j = kNoKey;
-            if (e < count) j = count == chunk_len ? chunk_start + e : gathered.keys[chunk_start + e];
-            const bool has_key = j != kNoKey;
-            st.key[tid] = j;
-            st.row[tid] = has_key ? fdm_key_row(&p, &c.seq, j) : -1;
-            if (key_bias)
-                st.bias[tid] = has_key ? bias_value(p.bias, fdm_operand_offset(&p.bias, &c.seq, c.hk, c.g, 0, j)) : 0.f;
-            any = j < c.key_end;
-        }
-        return __syncthreads_or(any) != 0;
-    }
-
-    const int j0 = n * kBlockN;
     bool any = false;
-    if (tid < kBlockN) {  // the loads of every staged array in flight together
-        const int j = j0 + tid;
-        const bool in_seq = j < c.seq.len_k;
-        if (key_mask) {
-            any = in_seq && mask_keeps(p.mask, fdm_operand_offset(&p.mask, &c.seq, c.hk, c.g, 0, j));
-            st.keep[tid] = any;
-        }
-        if (key_bias)
-            st.bias[tid] = in_seq ? bias_value(p.bias, fdm_operand_offset(&p.bias, &c.seq, c.hk, c.g, 0, j)) : 0.f;
-        if (paged) st.row[tid] = in_seq ? fdm_key_row(&p, &c.seq, j) : -1;
+    if (tid < Tile::kBlockN) {
+        const KeyColumn col = next.n == n ? next : fetch_key_column<Tile>(p, plan, c, gathered, n);
+        st.key[tid] = col.key;
+        st.row[tid] = col.row;
+        st.bias[tid] = col.bias;
+        st.keep[tid] = col.keep;
+        any = plan.gather ? col.key < c.key_end : key_mask && col.keep;
+        next.n = -1;
+        if (n + 1 < n_stop) next = fetch_key_column<Tile>(p, plan, c, gathered, n + 1);
     }
     if (p.mask.ptr == nullptr) {
-        if (paged) __syncthreads();
+        if (p.block_table != nullptr) __syncthreads();
         return true;
     }
-    if (!key_mask) {  // query-based: scan the tile's (kBlockM, kBlockN) block of the mask
-        for (int e = tid; e < Tile::kBlockM * kBlockN && !any; e += Tile::kThreads) {
-            const int packed = c.m0 + e / kBlockN, j = j0 + e % kBlockN;
-            const int i = packed / c.heads_per_cta, g = static_cast<int>(c.g) + packed % c.heads_per_cta;
-            any = i < c.seq.len_q && j < c.seq.len_k && (!c.is_causal || j <= fdm_causal_last_key(&c.seq, i)) &&
-                  mask_keeps(p.mask, fdm_operand_offset(&p.mask, &c.seq, c.hk, g, i, j));
-        }
-    }
+    if (!key_mask) any = query_mask_block_any<Tile>(p, c, n);
     return __syncthreads_or(any) != 0;
 }
 
