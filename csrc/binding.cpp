@@ -54,6 +54,7 @@ std::string shape_str(const Tensor &t) { return c10::str(t.sizes()); }
 
 struct Sizes {
     int64_t total_q, total_k, heads, heads_k, head_dim, batch;
+    bool paged = false;  // block_table given: total_k counts logical keys (cu_seqlens_k[-1]), not cache rows
 };
 
 Sizes check_qkv(const Tensor &q, const Tensor &k, const Tensor &v) {
@@ -100,9 +101,11 @@ void check_cu_seqlens(const Tensor &cu, const char *name, const Tensor &q, int64
     FDM_CHECK(cu.is_contiguous(), name, " must be contiguous");
 }
 
-// Reads cu_seqlens (a host sync on a GPU): starts at 0, non-decreasing, ends at total, max length.
-void check_cu_seqlens_data(const Tensor &cu, const char *name, int64_t total, int64_t max_seqlen,
-                           const char *max_name) {
+// Reads cu_seqlens (a host sync on a GPU): starts at 0, non-decreasing, ends at total (unless total
+// is -1: the keys of a paged cache, whose logical count is whatever cu_seqlens_k ends at), max length.
+// Returns the last entry.
+int64_t check_cu_seqlens_data(const Tensor &cu, const char *name, int64_t total, int64_t max_seqlen,
+                              const char *max_name) {
     const Tensor host = cu.cpu();
     const int32_t *c = host.data_ptr<int32_t>();
     const int64_t n = host.size(0);
@@ -113,9 +116,65 @@ void check_cu_seqlens_data(const Tensor &cu, const char *name, int64_t total, in
                   " at index ", b);
         longest = std::max<int64_t>(longest, c[b + 1] - c[b]);
     }
-    FDM_CHECK(c[n - 1] == total, name, " must end at ", total, " (the packed length), got ", c[n - 1]);
+    FDM_CHECK(total < 0 || c[n - 1] == total, name, " must end at ", total, " (the packed length), got ",
+              c[n - 1]);
     FDM_CHECK(longest <= max_seqlen, max_name, "=", max_seqlen, " is smaller than the longest sequence (",
               longest, ") in ", name);
+    return c[n - 1];
+}
+
+// ---------------------------------------------------------------- paged KV cache
+
+// The paged caches key and value (num_pages, page_size, H_k, D), checked to be read as rows
+// (num_pages * page_size, H_k, D), row = page * page_size + slot, without a copy.
+void check_paged_cache(const Tensor &cache, const char *name, const Tensor &k) {
+    FDM_CHECK(cache.dim() == 4, name,
+              " must be 4-D (num_pages, page_size, num_heads_k, head_dim) with block_table, got shape ",
+              shape_str(cache));
+    FDM_CHECK(cache.sizes() == k.sizes(), name, " cache shape ", shape_str(cache), " differs from key cache shape ",
+              shape_str(k));
+    FDM_CHECK(cache.size(1) >= 1, name, " page_size (dim 1) must be >= 1, got shape ", shape_str(cache));
+    const bool flattens =
+        cache.size(0) <= 1 || cache.size(1) == 1 || cache.stride(0) == cache.size(1) * cache.stride(1);
+    FDM_CHECK(flattens, name, " cache pages must be page_size slots apart (stride(0) == page_size * stride(1), so that "
+              "(num_pages, page_size) flatten into rows without a copy), got shape ", shape_str(cache), " and strides ",
+              cache.strides());
+}
+
+// The rows view (num_pages * page_size, H_k, D) of a cache that passed check_paged_cache.
+Tensor paged_rows(const Tensor &cache) {
+    const int64_t row_stride = cache.size(1) == 1 ? cache.stride(0) : cache.stride(1);
+    return cache.as_strided({cache.size(0) * cache.size(1), cache.size(2), cache.size(3)},
+                            {row_stride, cache.stride(2), cache.stride(3)}, cache.storage_offset());
+}
+
+// block_table (B, max_pages) int32: its layout, and that it covers max_seqlen_k keys.
+void check_block_table(const Tensor &bt, const Tensor &q, int64_t batch, int64_t page_size, int64_t max_seqlen_k) {
+    FDM_CHECK(bt.scalar_type() == at::kInt, "block_table must be int32, got ", bt.dtype());
+    FDM_CHECK(bt.dim() == 2, "block_table must be 2-D (batch, max_pages), got shape ", shape_str(bt));
+    FDM_CHECK(bt.size(0) == batch, "block_table has ", bt.size(0), " rows but the batch has ", batch,
+              " sequences (len(cu_seqlens_q) - 1)");
+    FDM_CHECK(bt.device() == q.device(), "block_table is on ", bt.device(), " but query is on ", q.device());
+    FDM_CHECK(bt.stride(1) == 1 || bt.size(1) <= 1, "block_table last dim must be contiguous (stride 1), got strides ",
+              bt.strides());
+    FDM_CHECK(bt.size(1) * page_size >= max_seqlen_k, "block_table has max_pages=", bt.size(1), " pages of page_size=",
+              page_size, " keys per sequence, fewer than max_seqlen_k=", max_seqlen_k);
+}
+
+// Reads block_table and cu_seqlens_k (a host sync on a GPU): every page a sequence uses,
+// block_table[b, 0 .. ceil(len_k / page_size)), is in [0, num_pages). Entries past those are never read.
+void check_block_table_data(const Tensor &bt, const Tensor &cu_seqlens_k, int64_t page_size, int64_t num_pages) {
+    const Tensor table = bt.cpu(), cu = cu_seqlens_k.cpu();
+    const auto t = table.accessor<int32_t, 2>();
+    const int32_t *c = cu.data_ptr<int32_t>();
+    for (int64_t b = 0; b < table.size(0); ++b) {
+        const int64_t used = (c[b + 1] - c[b] + page_size - 1) / page_size;
+        for (int64_t j = 0; j < used; ++j) {
+            FDM_CHECK(t[b][j] >= 0 && t[b][j] < num_pages, "block_table[", b, ", ", j, "] = ", t[b][j],
+                      " is not a page of the key/value cache (num_pages=", num_pages, "); sequence ", b, " has ",
+                      c[b + 1] - c[b], " keys, in pages block_table[", b, ", 0:", used, "]");
+        }
+    }
 }
 
 bool mask_dtype_ok(at::ScalarType t) {
@@ -180,6 +239,7 @@ fdm_operand make_operand(const optional<Tensor> &opt, const char *name, bool is_
     const int64_t rows = t.size(0);
     if (t.dim() == 2) {
         FDM_CHECK(rows == s.total_k, name, " is 2-D (key-based) with ", rows, " rows but total_k is ", s.total_k,
+                  s.paged ? " (with block_table: cu_seqlens_k[-1], the logical key count, not the cache rows)" : "",
                   "; ", accepted());
     } else {
         FDM_CHECK(rows == s.total_q, name, " is 3-D (query-based) with ", rows, " rows but total_q is ",
@@ -243,13 +303,36 @@ void describe_qkv(fdm_params &p, const Tensor &q, const Tensor &k, const Tensor 
     p.v_head_stride = v.stride(1);
 }
 
+// The logical key count of a paged call on a GPU outside debug mode, where cu_seqlens_k is not read:
+// the rows of the key-based mask/bias (which must agree), or 0 when there is none (nothing reads it then).
+int64_t paged_total_k_of_operands(const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias) {
+    const bool mask_key = attn_mask.has_value() && attn_mask->dim() == 2;
+    const bool bias_key = attn_bias.has_value() && attn_bias->dim() == 2;
+    FDM_CHECK(!mask_key || !bias_key || attn_bias->size(0) == attn_mask->size(0), "attn_bias is 2-D (key-based) with ",
+              bias_key ? attn_bias->size(0) : 0, " rows but attn_mask has ", mask_key ? attn_mask->size(0) : 0,
+              "; with block_table both have one row per logical key (total_k = cu_seqlens_k[-1])");
+    return mask_key ? attn_mask->size(0) : (bias_key ? attn_bias->size(0) : 0);
+}
+
 // Everything SPEC.md section 3 refuses, checked before any kernel runs; fills the struct.
-fdm_params validate_and_describe(const Tensor &q, const Tensor &k, const Tensor &v,
-                                 const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
-                                 const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, double scale, bool is_causal, double softcap,
-                                 const optional<Tensor> &block_table) {
+// With block_table, k and v come in as the paged caches (num_pages, page_size, H_k, D) and leave as
+// their rows (num_pages * page_size, H_k, D), the tensors the forward reads.
+fdm_params validate_and_describe(const Tensor &q, Tensor &k, Tensor &v, const optional<Tensor> &attn_mask,
+                                 const optional<Tensor> &attn_bias, const Tensor &cu_seqlens_q,
+                                 const Tensor &cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                 bool is_causal, double softcap, const optional<Tensor> &block_table) {
+    const bool paged = block_table.has_value();
+    int64_t num_pages = 0, page_size = 0;
+    if (paged) {
+        check_paged_cache(k, "key", k);
+        check_paged_cache(v, "value", k);
+        num_pages = k.size(0);
+        page_size = k.size(1);
+        k = paged_rows(k);
+        v = paged_rows(v);
+    }
     Sizes s = check_qkv(q, k, v);
+    s.paged = paged;
     check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, cu_seqlens_q.dim() == 1 ? cu_seqlens_q.size(0) : -1);
     check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, cu_seqlens_q.size(0));
     s.batch = cu_seqlens_q.size(0) - 1;
@@ -257,11 +340,17 @@ fdm_params validate_and_describe(const Tensor &q, const Tensor &k, const Tensor 
     FDM_CHECK(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
     FDM_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
     FDM_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0 = off), got ", softcap);
-    TORCH_CHECK_NOT_IMPLEMENTED(!block_table.has_value(),
-                                "flash_dmattn: block_table (paged KV cache) is not supported yet; pass None");
+    if (paged) check_block_table(*block_table, q, s.batch, page_size, max_seqlen_k);
     if (q.is_cpu() || debug_mode()) {
         check_cu_seqlens_data(cu_seqlens_q, "cu_seqlens_q", s.total_q, max_seqlen_q, "max_seqlen_q");
-        check_cu_seqlens_data(cu_seqlens_k, "cu_seqlens_k", s.total_k, max_seqlen_k, "max_seqlen_k");
+        const int64_t k_end =
+            check_cu_seqlens_data(cu_seqlens_k, "cu_seqlens_k", paged ? -1 : s.total_k, max_seqlen_k, "max_seqlen_k");
+        if (paged) {
+            s.total_k = k_end;  // the logical key count; the cache may hold more (or fewer) rows
+            check_block_table_data(*block_table, cu_seqlens_k, page_size, num_pages);
+        }
+    } else if (paged) {
+        s.total_k = paged_total_k_of_operands(attn_mask, attn_bias);
     }
 
     fdm_params p{};  // every pointer NULL, every stride and override 0
@@ -286,6 +375,13 @@ fdm_params validate_and_describe(const Tensor &q, const Tensor &k, const Tensor 
     p.is_causal = is_causal ? 1 : 0;
     p.mask = make_operand(attn_mask, "attn_mask", true, q, s, max_seqlen_k);
     p.bias = make_operand(attn_bias, "attn_bias", false, q, s, max_seqlen_k);
+    if (paged) {  // key j of sequence b: row block_table[b, j / page_size] * page_size + j % page_size
+        p.block_table = block_table->data_ptr<int32_t>();
+        p.block_table_stride = block_table->stride(0);
+        p.max_pages = block_table->size(1);
+        p.page_size = page_size;
+        p.num_pages = num_pages;
+    }
     p.workspace = nullptr;
     // Launch overrides (docs/api.md, "Environment"): FLASH_DMATTN_NUM_SPLITS=n forces n key ranges
     // per row block, FLASH_DMATTN_GATHER_KEYS=0/1 turns the gathered-key path off/on.
@@ -357,9 +453,10 @@ std::tuple<Tensor, Tensor> mha_varlen_fwd(const Tensor &q, const Tensor &k, cons
                                           const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k, int64_t max_seqlen_q,
                                           int64_t max_seqlen_k, double scale, bool is_causal, double softcap,
                                           const optional<Tensor> &block_table) {
-    fdm_params p = validate_and_describe(q, k, v, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, scale, is_causal, softcap, block_table);
-    return run_forward(p, q, k, v);
+    Tensor k_rows = k, v_rows = v;  // paged caches become their rows (validate_and_describe)
+    fdm_params p = validate_and_describe(q, k_rows, v_rows, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
+                                         max_seqlen_q, max_seqlen_k, scale, is_causal, softcap, block_table);
+    return run_forward(p, q, k_rows, v_rows);
 }
 
 // Dense (batch, seqlen, heads, head_dim) attention: a varlen batch of equal lengths. The batch and
@@ -375,8 +472,8 @@ std::tuple<Tensor, Tensor> mha_fwd(const Tensor &q, const Tensor &k, const Tenso
     FDM_CHECK(k.size(0) == batch && v.size(0) == batch, "key and value batch sizes (", k.size(0), ", ", v.size(0),
               ") must equal the query batch size ", batch);
     const Tensor q_rows = q.reshape({batch * seqlen_q, q.size(2), q.size(3)});
-    const Tensor k_rows = k.reshape({batch * k.size(1), k.size(2), k.size(3)});
-    const Tensor v_rows = v.reshape({batch * v.size(1), v.size(2), v.size(3)});
+    Tensor k_rows = k.reshape({batch * k.size(1), k.size(2), k.size(3)});
+    Tensor v_rows = v.reshape({batch * v.size(1), v.size(2), v.size(3)});
     const auto cu_options = q.options().dtype(at::kInt);
     const Tensor cu_seqlens_q = at::arange(batch + 1, cu_options).mul_(seqlen_q);
     const Tensor cu_seqlens_k = at::arange(batch + 1, cu_options).mul_(seqlen_k);

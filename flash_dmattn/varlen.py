@@ -49,7 +49,8 @@ def flash_dmattn_varlen_func(
     """Attention forward over a packed batch of variable-length sequences.
 
     Args:
-        query: (total_q, H, D); key, value: (total_k, H_k, D) with H % H_k == 0.
+        query: (total_q, H, D); key, value: (total_k, H_k, D) with H % H_k == 0, or with
+            block_table the paged caches (num_pages, page_size, H_k, D).
         attn_mask: None, key-based (total_k, h') or query-based (total_q, h', Kq >= max_seqlen_k),
             h' in {1, H_k, H}; bool/uint8/int8/float: nonzero keeps a score. Never copied.
         attn_bias: None or the same layouts as attn_mask, in the query dtype or float32.
@@ -59,7 +60,11 @@ def flash_dmattn_varlen_func(
         scale: score scale, default 1 / sqrt(D). is_causal: bottom-right aligned causal mask.
         softcap: > 0 applies softcap * tanh(s / softcap) before the bias; None or 0 is off.
         deterministic: accepted for API compatibility; the forward is always deterministic.
-        block_table: paged KV cache (not supported yet; must be None).
+        block_table: None, or (B, max_pages) int32 for a paged KV cache: key j of sequence b is
+            key[block_table[b, j // page_size], j % page_size] (any page_size >= 1). The lengths
+            still come from cu_seqlens_k (cu_seqlens_k[-1] counts logical keys), key-based
+            mask/bias keep one row per logical key, and max_pages * page_size >= max_seqlen_k.
+            Page indices are checked on CPU, and on CUDA only with FLASH_DMATTN_DEBUG=1.
         return_lse: also return lse (H, total_q) float32, natural log.
 
     Returns:

@@ -24,7 +24,9 @@
  *        cost only the mask read. The key loop stops at the causal limit of the block's last
  *        query. A key-based mask or bias is read once per head g, not per query ("operand rows").
  *     2. load_kv_tile: K and V rows of those keys to float; K is transposed to K^T (dp, BLOCK_N)
- *        so that S = Q K^T runs over keys in its innermost, vectorized loop.
+ *        so that S = Q K^T runs over keys in its innermost, vectorized loop. With a paged KV
+ *        cache (block_table) the rows are looked up per key (fdm_key_row); nothing else changes:
+ *        masks and biases stay indexed by the logical key, and the math is the same bit for bit.
  *     3. qk_tile: S = (scale * Q) K^T.
  *     4. load_bias_tile + transform_scores: softcap, + bias, mask and causal -> -inf.
  *     5. softmax_update (online softmax): per row, m_new = max(m, max_c S), P~ = exp(S - m_new),
@@ -365,7 +367,10 @@ static int64_t fdm_select_key_tile(const fdm_block *blk, fdm_scratch *w, int64_t
 /* K/V tile loading                                                                           */
 /* ------------------------------------------------------------------------------------------ */
 
-/* k_rows[c, :] = K[key_idx[c]], v[c, :] = V[key_idx[c]] as float, c < n; zero padding elsewhere. */
+/*
+ * k_rows[c, :] = K[key_idx[c]], v[c, :] = V[key_idx[c]] as float, c < n; zero padding elsewhere.
+ * The rows come from fdm_key_row: packed rows, or the page slots of a paged cache.
+ */
 FDM_HOT static void fdm_load_kv_tile(const fdm_block *blk, const int64_t *key_idx, int64_t n,
                                      float *FDM_RESTRICT k_rows, float *FDM_RESTRICT v) {
     const fdm_params *p = blk->p;
@@ -373,11 +378,11 @@ FDM_HOT static void fdm_load_kv_tile(const fdm_block *blk, const int64_t *key_id
     const int64_t elem = p->dtype == FDM_F32 ? 4 : 2; /* bytes */
     int64_t c, byte;
     for (c = 0; c < n; ++c) {
-        const int64_t row = blk->seq.k_start + key_idx[c];
+        const int64_t row = fdm_key_row(p, &blk->seq, key_idx[c]);
         float *kr = k_rows + c * dp;
         float *vr = v + c * dp;
         if (c + FDM_PREFETCH_ROWS < n) {
-            const int64_t ahead = blk->seq.k_start + key_idx[c + FDM_PREFETCH_ROWS];
+            const int64_t ahead = fdm_key_row(p, &blk->seq, key_idx[c + FDM_PREFETCH_ROWS]);
             const char *k_ahead = (const char *)p->k
                                 + (ahead * p->k_row_stride + blk->hk * p->k_head_stride) * elem;
             const char *v_ahead = (const char *)p->v
