@@ -227,10 +227,10 @@ def test_non_finite_scale(scale):
     assert_refused(args, "scale", scale=scale)
 
 
-def test_block_table_not_supported():
+def test_block_table_needs_paged_cache():
+    """With block_table, key and value must be paged caches (4-D); tests/test_paged.py has the rest."""
     args = valid_args()
-    with pytest.raises((NotImplementedError, ValueError, RuntimeError), match="block_table"):
-        call(args, block_table=torch.zeros(2, 1, dtype=torch.int32))
+    assert_refused(args, r"\bkey\b.*block_table", block_table=torch.zeros(2, 2, dtype=torch.int32))
 
 
 def test_errors_come_from_the_registered_op_too():
