@@ -68,14 +68,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     const int n_stop = static_cast<int>(min_i64(num_n_tiles, n_begin + plan.tiles_per_split));
     const GatheredKeys gathered = plan.gather ? GatheredKeys::of(p, plan, ctx) : GatheredKeys{nullptr, nullptr};
 
+    // Shared memory (tiles.cuh) for a ring of S = plan.num_stages K/V stages.
+    const int S = plan.num_stages;
     extern __shared__ __align__(16) unsigned char smem[];
-    T *q_s = reinterpret_cast<T *>(smem);                                 // (kBlockM, kStride)
-    T *k_s = q_s + Tile::kQElems;                                         // (kStages, kBlockN, kStride)
-    T *v_s = k_s + Tile::kStages * Tile::kKVElems;                        // (kStages, kBlockN, kStride)
-    int64_t *row_s = reinterpret_cast<int64_t *>(v_s + Tile::kStages * Tile::kKVElems);  // (kStages, kBlockN)
-    float *bias_s = reinterpret_cast<float *>(row_s + Tile::kStages * kBlockN);          // (kStages, kBlockN)
-    int *key_s = reinterpret_cast<int *>(bias_s + Tile::kStages * kBlockN);              // (kStages, kBlockN)
-    uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + Tile::kStages * kBlockN);      // (kStages, kBlockN)
+    T *q_s = reinterpret_cast<T *>(smem);                                  // (kBlockM, kStride)
+    T *k_s = q_s + Tile::kQElems;                                          // (S, kBlockN, kStride)
+    T *v_s = k_s + S * Tile::kKVElems;                                     // (S, kBlockN, kStride)
+    int64_t *row_s = reinterpret_cast<int64_t *>(v_s + S * Tile::kKVElems);  // (S, kBlockN)
+    float *bias_s = reinterpret_cast<float *>(row_s + S * kBlockN);          // (S, kBlockN)
+    int *key_s = reinterpret_cast<int *>(bias_s + S * kBlockN);              // (S, kBlockN)
+    uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + S * kBlockN);      // (S, kBlockN)
+    int *tile_s = reinterpret_cast<int *>(keep_s + S * kBlockN);            // (kMaxStages,)
+    static_assert(kBlockN % 4 == 0, "tile_s is 4-byte aligned");
     const auto key_stage = [&](int stage) {
         return KeyStage{row_s + stage * kBlockN, bias_s + stage * kBlockN, key_s + stage * kBlockN,
                         keep_s + stage * kBlockN};
@@ -120,19 +124,31 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     for (int d = 0; d < kDTiles; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
     OnlineSoftmax<kNTiles, kDTiles> softmax;
 
-    int stage = 0;
-    int n = next_visible(n_begin, stage);
-    if (n < n_stop) load_kv_async(n, stage);
-
-    while (n < n_stop) {
-        const int n_next = next_visible(n + 1, stage ^ 1);
-        if (n_next < n_stop) {
-            load_kv_async(n_next, stage ^ 1);
-            cp_async_wait<1>();
+    // The K/V ring of S stages: step c waits for visible tile c (stage c % S), refills the stage
+    // freed by step c - 1 with tile c + S - 1, then computes tile c, so S - 1 tiles are in flight
+    // during every computation. Every refill commits one cp.async group (empty past the range), so
+    // "tile c has landed" is always wait_group(S - 2). tile_s[stage] is the tile a stage holds
+    // (written with the same value by every thread).
+    int n_look = n_begin;  // next tile to test for visibility
+    int issued = 0;
+    auto issue_next = [&](int stage) {
+        n_look = next_visible(n_look, stage);
+        if (n_look < n_stop) {
+            load_kv_async(n_look, stage);
+            tile_s[stage] = n_look++;
+            ++issued;
         } else {
-            cp_async_wait<0>();
+            cp_async_commit();
         }
-        __syncthreads();
+    };
+    for (int stage = 0; stage < S - 1; ++stage) issue_next(stage);
+
+    for (int computed = 0; computed < issued; ++computed) {
+        const int stage = computed % S;
+        cp_async_wait_dynamic(S - 2);
+        __syncthreads();  // tile c visible to all; every warp is done with step c - 1's stage
+        const int n = tile_s[stage];
+        issue_next((computed + S - 1) % S);
         if (warp_has_rows) {
             const T *k_tile = k_s + stage * Tile::kKVElems;
             const T *v_tile = v_s + stage * Tile::kKVElems;
@@ -180,9 +196,6 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
                 }
             }
         }
-        __syncthreads();  // every warp is done with `stage` before it is refilled
-        n = n_next;
-        stage ^= 1;
     }
     cp_async_wait<0>();  // the Q copy, when no key tile was visible
 
