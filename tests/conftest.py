@@ -272,3 +272,17 @@ def dense_to_query_based(x, batch, seqlen_q, seqlen_k):
     """(B or 1, h', S_q or 1, S_k) -> the varlen query-based (B * S_q, h', S_k), materialized."""
     x = x.expand(batch, x.shape[1], seqlen_q, seqlen_k)
     return x.permute(0, 2, 1, 3).reshape(batch * seqlen_q, x.shape[1], seqlen_k)
+
+
+def capture_cuda_graph(fn):
+    """Warms `fn` up on a side stream (as torch requires before a capture), then captures one call
+    of it in a CUDA graph. Returns (graph, what the captured call returned: static outputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result

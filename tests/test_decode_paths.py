@@ -1,0 +1,376 @@
+"""The decode paths of the CUDA forward, forced through the launch overrides that csrc/binding.cpp
+reads on every call, and checked against the float64 reference:
+
+- FLASH_DMATTN_NUM_SPLITS=n: split-KV with n key ranges per row block (merged by the combine kernel);
+- FLASH_DMATTN_GATHER_KEYS=1/0: the gathered-key path for key-based masks on / off;
+- packed GQA (no override): taken when the mask/bias do not vary across a group's query heads
+  (h' in {1, H_k} or query-based) and max_seqlen_q * G <= 128, i.e. the GQA/MQA decode cases here.
+
+The CPU kernel ignores both variables, so the CPU cases check the CPU kernel on the same inputs (kept
+small: the float64 reference is slow); the bigger shapes run on CUDA only. Also: CUDA graph replay of
+a decode step with new contents and new sequence lengths, torch.compile, and agreement of the paths
+with one another on the same inputs.
+"""
+import pytest
+import torch
+
+import flash_dmattn
+from conftest import (
+    LSE_FLOOR,
+    OUT_FLOOR,
+    Batch,
+    capture_cuda_graph,
+    check_against_reference,
+    cu_seqlens,
+    device_dtype_params,
+    make_batch,
+    make_bias,
+    make_mask,
+    make_operand,
+    requires_cuda,
+    run_and_check,
+    run_flash,
+)
+
+NUM_SPLITS = "FLASH_DMATTN_NUM_SPLITS"
+GATHER_KEYS = "FLASH_DMATTN_GATHER_KEYS"
+
+DEVICE_DTYPES = device_dtype_params(cpu=[torch.float32])
+SPLITS = [1, 2, 7, 64]
+CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+GATHER = pytest.mark.parametrize("gather", [0, 1], ids=["tiles", "gather"])
+
+# Very different lengths in one batch: one key, an empty query sequence, an empty key sequence,
+# lengths on no tile boundary, sequences shorter than one split range next to 3001 keys, Lq > Lk.
+MIXED_SEQLENS = [(1, 1), (3, 63), (1, 65), (0, 129), (4, 0), (8, 1000), (2, 3001), (65, 129), (129, 65),
+                 (1, 64)]
+# Decode: 1-8 queries per sequence, up to ~4k keys (CPU: up to 1500).
+DECODE_SEQLENS = {
+    "cpu": [(1, 1), (8, 1000), (1, 0), (0, 65), (3, 1500)],
+    "cuda": [(1, 4096), (8, 3001), (3, 1), (1, 0), (0, 700), (5, 65), (2, 1000), (1, 63), (7, 129), (4, 2048)],
+}
+# Prefill-like: 3 sequences of 700-2500 queries and keys (CPU: a tenth).
+PREFILL_SEQLENS = {
+    "cpu": [(70, 250), (250, 180), (120, 120)],
+    "cuda": [(700, 2500), (2500, 1800), (1200, 1200)],
+}
+SHAPES = {"decode": DECODE_SEQLENS, "prefill": PREFILL_SEQLENS}
+SHAPE = pytest.mark.parametrize("shape", list(SHAPES))
+HEADS = {"gqa": (32, 8), "mha": (8, 8), "mqa": (8, 1)}  # (H, H_k)
+# Mask spec, bias spec ((layout, heads) or None). "key_shared" and "query" keep packed GQA possible,
+# "key_per_head" (operands that differ per query head) rules it out.
+OPERANDS = {
+    "key_shared": (("key", "H_k"), ("key", "1")),
+    "key_per_head": (("key", "H"), ("key", "H_k")),
+    "query": (("query", "H"), ("query", "H_k")),
+    "none": (None, None),
+}
+
+
+@pytest.fixture(autouse=True)
+def no_overrides(monkeypatch):
+    """Every test starts from the heuristics, whatever the calling environment sets."""
+    use_paths(monkeypatch)
+
+
+def use_paths(monkeypatch, splits=None, gather=None):
+    """Sets FLASH_DMATTN_NUM_SPLITS / FLASH_DMATTN_GATHER_KEYS; None unsets (the heuristic)."""
+    for name, value in ((NUM_SPLITS, splits), (GATHER_KEYS, gather)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, str(value))
+
+
+def seqlens_for(shape, device):
+    return SHAPES[shape][device]
+
+
+def per_device(cpu, cuda, ids):
+    """`device, dtype, *values` params: the tuples of `cpu` on the CPU (which ignores the overrides,
+    so it needs fewer), those of `cuda` on CUDA; ids(*values) names each."""
+    params = []
+    for param in DEVICE_DTYPES:
+        device, dtype = param.values
+        for values in cuda if device == "cuda" else cpu:
+            params.append(pytest.param(device, dtype, *values, id=f"{param.id}-{ids(*values)}", marks=param.marks))
+    return params
+
+
+def make_operands(batch, name, density=0.6):
+    mask_spec, bias_spec = OPERANDS[name]
+    return dict(attn_mask=make_operand("mask", batch, mask_spec, density=density),
+                attn_bias=make_operand("bias", batch, bias_spec))
+
+
+def sequence_rows(batch, b):
+    return batch.cu_seqlens_q[b].item(), batch.cu_seqlens_q[b + 1].item()
+
+
+def assert_rows_hidden(out, lse, rows, heads=slice(None)):
+    """Rows that see no key: exactly out = 0 and lse = -inf (not merely close)."""
+    assert torch.isneginf(lse[heads, rows]).all(), "rows that see no key must have lse = -inf"
+    assert (out[rows, heads] == 0).all(), "rows that see no key must have out = 0"
+
+
+def assert_empty_key_sequences_hidden(batch, out, lse):
+    for b, (_, len_k) in enumerate(batch.seqlens):
+        if len_k == 0:
+            assert_rows_hidden(out, lse, slice(*sequence_rows(batch, b)))
+
+
+def assert_paths_agree(a, b, what):
+    """Two paths on the same inputs: the same hidden rows, lse within LSE_FLOOR, out within two
+    rounding steps of its dtype relative, or one near |out| ~ 1 (OUT_FLOOR). The paths round the
+    softmax weights to out's dtype relative to different running maxima, so rows with a few visible
+    keys whose values cancel differ by up to ~0.4 OUT_FLOOR (simulated), far below a missed key."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    eps = torch.finfo(out_a.dtype).eps
+    torch.testing.assert_close(out_b, out_a, rtol=2 * eps, atol=OUT_FLOOR[out_a.dtype],
+                               msg=lambda m: f"out of {what}: {m}")
+    assert torch.equal(torch.isneginf(lse_a), torch.isneginf(lse_b)), f"{what}: other rows see no key"
+    torch.testing.assert_close(lse_b, lse_a, rtol=0, atol=LSE_FLOOR, msg=lambda m: f"lse of {what}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Split-KV
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("operands", list(OPERANDS))
+@CAUSAL
+@pytest.mark.parametrize("num_splits", SPLITS, ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_split_kv_mixed_lengths(monkeypatch, device, dtype, num_splits, causal, operands):
+    """Forced split counts (64: more ranges than the shorter sequences have key tiles) over sequences
+    of very different lengths; the empty key sequence gives exactly 0 / -inf."""
+    use_paths(monkeypatch, splits=num_splits)
+    batch = make_batch(MIXED_SEQLENS, 8, 2, 64, dtype, device)
+    out, lse = run_and_check(batch, is_causal=causal, **make_operands(batch, operands))
+    assert_empty_key_sequences_hidden(batch, out, lse)
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("device,dtype,head_dim,num_splits", per_device(
+    cpu=[(64, 7), (128, 7)], cuda=[(d, n) for d in (64, 128, 80) for n in SPLITS], ids=lambda d, n: f"d{d}-splits{n}"))
+def test_split_kv_decode(monkeypatch, device, dtype, head_dim, num_splits, heads):
+    """Decode batches (1-8 queries, up to ~4k keys) with GQA (packed), MHA and MQA (packed), for every
+    operand variant: key-based mask + bias, per-query-head ones (not packed), query-based, none."""
+    use_paths(monkeypatch, splits=num_splits)
+    num_heads, num_heads_k = HEADS[heads]
+    for operands in OPERANDS:  # fresh inputs per check
+        batch = make_batch(DECODE_SEQLENS[device], num_heads, num_heads_k, head_dim, dtype, device)
+        out, lse = run_and_check(batch, is_causal=operands == "key_shared", **make_operands(batch, operands))
+        assert_empty_key_sequences_hidden(batch, out, lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Gathered keys (key-based masks)
+# ----------------------------------------------------------------------------------------------
+
+@CAUSAL
+@pytest.mark.parametrize("mask_heads", ["1", "H_k", "H"])
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.25, 1.0], ids=lambda d: f"dens{int(d * 100)}")
+@GATHER
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_gathered_keys_densities_and_mask_heads(monkeypatch, device, dtype, gather, density, mask_heads, causal):
+    """Key-based masks drawn per mask head at 0-100% density, with a key-based bias of the same head
+    variant; density 0 hides every row, exactly."""
+    use_paths(monkeypatch, gather=gather)
+    batch = make_batch(DECODE_SEQLENS[device], 16, 4, 64, dtype, device)
+    mask = make_mask(batch, "key", mask_heads, density=density)
+    bias = make_bias(batch, "key", mask_heads)
+    out, lse = run_and_check(batch, attn_mask=mask, attn_bias=bias, is_causal=causal)
+    if density == 0.0:
+        assert_rows_hidden(out, lse, slice(None))
+    assert_empty_key_sequences_hidden(batch, out, lse)
+
+
+@SHAPE
+@CAUSAL
+@pytest.mark.parametrize("bias", ["key-1", "key-H_k", "key-H", "query-1", "query-H"])
+@pytest.mark.parametrize("num_splits", [2, 7], ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_gathered_keys_with_splits_and_biases(monkeypatch, device, dtype, num_splits, bias, causal, shape):
+    """The gathered path combined with forced split counts, under key-based biases of every head
+    variant and query-based biases, for decode and prefill-like batches."""
+    use_paths(monkeypatch, splits=num_splits, gather=1)
+    batch = make_batch(seqlens_for(shape, device), 8, 2, 64, dtype, device)
+    mask = make_mask(batch, "key", "H_k", density=0.25)
+    run_and_check(batch, attn_mask=mask, attn_bias=make_bias(batch, *bias.split("-")), is_causal=causal)
+
+
+@CAUSAL
+@pytest.mark.parametrize("num_splits", [None, 2, 7], ids=["splits_auto", "splits2", "splits7"])
+@GATHER
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_gathered_keys_fully_masked_rows(monkeypatch, device, dtype, gather, num_splits, causal):
+    """A KV head whose mask is all False, and a sequence whose mask is all False on every head, next to
+    normal ones: those rows are exactly out = 0, lse = -inf (through return_lse=True)."""
+    use_paths(monkeypatch, splits=num_splits, gather=gather)
+    batch = make_batch(DECODE_SEQLENS[device], 8, 2, 128, dtype, device)
+    mask = make_mask(batch, "key", "H_k", density=0.25)
+    mask[:, 1] = False                         # KV head 1 = query heads 4..7
+    k0, k1 = batch.cu_seqlens_k[1].item(), batch.cu_seqlens_k[2].item()
+    mask[k0:k1] = False                        # sequence 1 (8 queries, 1000 or 3001 keys)
+    mask[0, 0] = True                          # sequence 0's first key, for query heads 0..3
+    out, lse = run_and_check(batch, attn_mask=mask, attn_bias=make_bias(batch, "key", "H"), is_causal=causal)
+    assert_rows_hidden(out, lse, slice(None), heads=slice(4, 8))
+    assert_rows_hidden(out, lse, slice(*sequence_rows(batch, 1)))
+    assert torch.isfinite(lse[:4, 0]).all() and torch.isneginf(lse[4:, 0]).all()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.float16, torch.float32],
+                         ids=lambda t: str(t).replace("torch.", ""))
+@GATHER
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_gathered_keys_mask_dtypes(monkeypatch, device, dtype, gather, mask_dtype):
+    """The compaction pass reads every mask dtype; non-bool masks keep on any nonzero value."""
+    use_paths(monkeypatch, gather=gather)
+    batch = make_batch(DECODE_SEQLENS[device], 16, 4, 64, dtype, device)
+    mask = make_mask(batch, "key", "H_k", density=0.25, dtype=mask_dtype)
+    run_and_check(batch, attn_mask=mask, attn_bias=make_bias(batch, "key", "1"), is_causal=True)
+
+
+@SHAPE
+@CAUSAL
+@GATHER
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_gathered_keys_only_last_keys_visible(monkeypatch, device, dtype, gather, causal, shape):
+    """Only the last 1-3 keys of each sequence are visible (mostly in a partial tile); with causal
+    prefill only the last queries see them and the earlier rows see nothing."""
+    use_paths(monkeypatch, gather=gather)
+    batch = make_batch(seqlens_for(shape, device), 8, 4, 64, dtype, device)
+    keep = torch.zeros(batch.total_k, batch.num_heads_k, dtype=torch.bool, device=device)
+    ends = batch.cu_seqlens_k[1:].tolist()
+    for g in range(batch.num_heads_k):
+        for end, (_, len_k) in zip(ends, batch.seqlens):
+            keep[end - min(1 + g % 3, len_k):end, g] = True
+    out, lse = run_and_check(batch, attn_mask=keep, attn_bias=make_bias(batch, "key", "H_k"), is_causal=causal)
+    assert torch.isfinite(lse[0, batch.cu_seqlens_q[1].item() - 1])  # the last query of sequence 0
+    if causal and shape == "prefill":
+        len_q, len_k = batch.seqlens[0]
+        assert_rows_hidden(out, lse, slice(0, len_q - 3))  # query i sees keys j <= i + Lk - Lq < Lk - 3
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. CUDA graphs and torch.compile (CUDA only)
+# ----------------------------------------------------------------------------------------------
+
+CUDA_DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+GRAPH_MODES = {"split4": dict(splits=4), "gather": dict(gather=1), "gather_split4": dict(splits=4, gather=1)}
+# The captured decode step: B sequences of at most MAX_Q queries / MAX_K keys, TOTAL_Q / TOTAL_K rows.
+GRAPH_B, GRAPH_MAX_Q, GRAPH_MAX_K, GRAPH_TOTAL_Q, GRAPH_TOTAL_K = 8, 4, 2048, 20, 9000
+
+
+def random_lengths(total, count, max_len):
+    """`count` random lengths in [0, max_len] that sum to `total`; 0 and max_len are frequent."""
+    assert 0 <= total <= count * max_len
+    lengths = [total // count + (i < total % count) for i in range(count)]
+    for _ in range(8 * count):
+        i, j = torch.randint(0, count, (2,)).tolist()
+        room = min(lengths[i], max_len - lengths[j])
+        if i != j and room > 0:
+            moved = room if torch.rand(()) < 0.25 else torch.randint(0, room + 1, ()).item()
+            lengths[i] -= moved
+            lengths[j] += moved
+    return lengths
+
+
+def new_decode_lengths(batch):
+    """New per-sequence lengths within the captured bounds and totals, written into cu_seqlens in place."""
+    len_q = random_lengths(GRAPH_TOTAL_Q, GRAPH_B, GRAPH_MAX_Q)
+    len_k = random_lengths(GRAPH_TOTAL_K, GRAPH_B, GRAPH_MAX_K)
+    batch.cu_seqlens_q.copy_(cu_seqlens(len_q, batch.q.device))
+    batch.cu_seqlens_k.copy_(cu_seqlens(len_k, batch.q.device))
+    batch.seqlens = list(zip(len_q, len_k))
+
+
+def decode_buffers(dtype, bias_layout, device="cuda"):
+    """The static buffers of a decode step (GQA 32/8, D = 128), filled by refill(): q/k/v/cu_seqlens
+    as a Batch whose max_seqlen are the bounds (passed explicitly: no host sync), a key-based mask
+    (total_k, H_k) and a bias, key-based (total_k, H) or query-based (total_q, H_k, MAX_K + 3)."""
+    q = torch.empty(GRAPH_TOTAL_Q, 32, 128, dtype=dtype, device=device)
+    k = torch.empty(GRAPH_TOTAL_K, 8, 128, dtype=dtype, device=device)
+    cu = torch.zeros(GRAPH_B + 1, dtype=torch.int32, device=device)
+    batch = Batch(q, k, torch.empty_like(k), cu, cu.clone(), GRAPH_MAX_Q, GRAPH_MAX_K, [])
+    mask = torch.empty(GRAPH_TOTAL_K, 8, dtype=torch.bool, device=device)
+    bias_shape = (GRAPH_TOTAL_K, 32) if bias_layout == "key" else (GRAPH_TOTAL_Q, 8, GRAPH_MAX_K + 3)
+    return batch, mask, torch.empty(bias_shape, dtype=dtype, device=device)
+
+
+def refill(batch, mask, bias, density):
+    """Fresh contents and lengths for every static buffer of the decode step."""
+    new_decode_lengths(batch)
+    for t in (batch.q, batch.k, batch.v):
+        t.copy_(torch.randn_like(t))
+    mask.copy_(make_mask(batch, "key", "H_k", density=density))
+    layout = "key" if bias.dim() == 2 else "query"
+    bias.copy_(make_bias(batch, layout, "H" if layout == "key" else "H_k"))
+
+
+@pytest.mark.parametrize("mode", list(GRAPH_MODES))
+@CUDA_DTYPES
+@requires_cuda
+def test_cuda_graph_decode_replay(monkeypatch, dtype, mode):
+    """Capture one decode step, then 3 rounds of new q/k/v/mask/bias and new sequence lengths (the
+    cu_seqlens contents) in the same buffers: each replay gives the new inputs' result."""
+    use_paths(monkeypatch, **GRAPH_MODES[mode])
+    batch, mask, bias = decode_buffers(dtype, "query" if mode == "split4" else "key")
+    kwargs = dict(attn_mask=mask, attn_bias=bias, is_causal=True)
+    refill(batch, mask, bias, density=0.5)
+    graph, (out, lse) = capture_cuda_graph(lambda: run_flash(batch, **kwargs))
+    for density in (0.3, 0.02, 1.0):
+        refill(batch, mask, bias, density)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_against_reference(batch, out, lse, **kwargs)
+
+
+def decode_step(q, k, v, mask, bias, cu_q, cu_k, max_q: int, max_k: int):
+    return flash_dmattn.flash_dmattn_varlen_func(q, k, v, attn_mask=mask, attn_bias=bias, cu_seqlens_q=cu_q,
+                                                 cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                                                 is_causal=True, return_lse=True)
+
+
+@CUDA_DTYPES
+@requires_cuda
+def test_compile_fullgraph_gathered_keys(monkeypatch, dtype):
+    """torch.compile(fullgraph=True) of a decode step on the gathered path: the reference's result,
+    the eager result bit for bit, for two rounds of new contents and lengths."""
+    use_paths(monkeypatch, gather=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_step, fullgraph=True)
+    batch, mask, bias = decode_buffers(dtype, "key")
+    for density in (0.25, 0.02):
+        refill(batch, mask, bias, density)
+        args = (batch.q, batch.k, batch.v, mask, bias, batch.cu_seqlens_q, batch.cu_seqlens_k,
+                batch.max_seqlen_q, batch.max_seqlen_k)
+        out, lse = compiled(*args)
+        check_against_reference(batch, out, lse, attn_mask=mask, attn_bias=bias, is_causal=True)
+        eager_out, eager_lse = decode_step(*args)
+        assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The paths agree with one another
+# ----------------------------------------------------------------------------------------------
+
+# (gather, splits); None = heuristic. The first is checked against the reference, the rest against it.
+PATH_VARIANTS = [(0, 1), (0, 2), (0, 7), (0, 64), (1, 1), (1, 2), (1, 7), (1, 64), (None, None)]
+
+
+@CAUSAL
+@pytest.mark.parametrize("mask_heads", ["H_k", "H"])
+@SHAPE
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_paths_agree(monkeypatch, device, dtype, shape, mask_heads, causal):
+    """Same inputs through the tile and gathered paths at several split counts: the same result up to
+    a rounding step (not necessarily bit-identical)."""
+    batch = make_batch(seqlens_for(shape, device), 16, 4, 64, dtype, device)
+    kwargs = dict(attn_mask=make_mask(batch, "key", mask_heads, density=0.1, dtype=torch.uint8),
+                  attn_bias=make_bias(batch, "key", "1"), is_causal=causal)
+    use_paths(monkeypatch, gather=0, splits=1)
+    first = run_and_check(batch, **kwargs)
+    for gather, splits in PATH_VARIANTS[1:]:
+        use_paths(monkeypatch, gather=gather, splits=splits)
+        assert_paths_agree(first, run_flash(batch, **kwargs), f"gather={gather}, splits={splits}")
