@@ -78,13 +78,12 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, GpuInfo 
     FwdPlan plan;
     plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
     plan.num_m_blocks = static_cast<int>((p.max_seqlen_q * plan.heads_per_cta + block_m - 1) / block_m);
-    plan.num_stages = 2;
-    if (plan.num_m_blocks <= 1) {
-        const int room = gpu.smem_per_sm - kSmemPerCta < gpu.smem_per_block ? gpu.smem_per_sm - kSmemPerCta
-                                                                            : gpu.smem_per_block;
-        const int fit = (room - smem.q_bytes) / smem.stage_bytes;
-        plan.num_stages = fit < 2 ? 2 : (fit > kMaxStages ? kMaxStages : fit);
-    }
+    const int room = gpu.smem_per_sm - kSmemPerCta < gpu.smem_per_block ? gpu.smem_per_sm - kSmemPerCta
+                                                                        : gpu.smem_per_block;
+    int fit = (room - smem.q_bytes) / smem.stage_bytes;
+    fit = fit < 2 ? 2 : (fit > kMaxStages ? kMaxStages : fit);
+    plan.num_stages = plan.num_m_blocks <= 1 ? fit : 2;
+    if (p.force_num_stages >= 2) plan.num_stages = p.force_num_stages < fit ? p.force_num_stages : fit;
     plan.smem_bytes = smem.q_bytes + plan.num_stages * smem.stage_bytes;
     const int num_sms = gpu.num_sms;
     int ctas_per_sm = gpu.smem_per_sm / (plan.smem_bytes + kSmemPerCta);
