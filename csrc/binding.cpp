@@ -384,11 +384,9 @@ fdm_params validate_and_describe(const Tensor &q, Tensor &k, Tensor &v, const op
     }
     p.workspace = nullptr;
     // Launch overrides (docs/api.md, "Environment"): FLASH_DMATTN_NUM_SPLITS=n forces n key ranges
-    // per row block, FLASH_DMATTN_GATHER_KEYS=0/1 turns the gathered-key path off/on,
-    // FLASH_DMATTN_NUM_STAGES=s sets the K/V pipeline depth.
+    // per row block, FLASH_DMATTN_GATHER_KEYS=0/1 turns the gathered-key path off/on.
     p.force_num_splits = std::max(0, env_override("FLASH_DMATTN_NUM_SPLITS", 0));
     p.force_gather = env_override("FLASH_DMATTN_GATHER_KEYS", -1);
-    p.force_num_stages = std::max(0, env_override("FLASH_DMATTN_NUM_STAGES", 0));
     return p;
 }
 

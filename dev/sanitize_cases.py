@@ -42,8 +42,8 @@ def scatter_pages(x, cu_k, table, page_size):
 
 
 def run_case(lens, H, H_k, D, dtype, mask_kind, mask_heads, bias_kind, bias_heads, causal, env=None, page_size=0):
-    for knob in ("FLASH_DMATTN_NUM_SPLITS", "FLASH_DMATTN_GATHER_KEYS", "FLASH_DMATTN_NUM_STAGES"):
-        os.environ.pop(knob, None)
+    os.environ.pop("FLASH_DMATTN_NUM_SPLITS", None)
+    os.environ.pop("FLASH_DMATTN_GATHER_KEYS", None)
     os.environ.update(env or {})
     cu_q = torch.tensor([0] + [q for q, _ in lens], device="cuda").cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + [k for _, k in lens], device="cuda").cumsum(0).to(torch.int32)
@@ -91,11 +91,6 @@ def main():
     cases.append(([(300, 2300), (5, 1100)], 4, 4, 96, torch.float16, "key", 1, "key", 4, False, gather))
     cases.append(([(1, 3001), (3, 1500), (2, 0)], 8, 2, 128, torch.bfloat16, "key", 2, None, 0, True,
                   {"FLASH_DMATTN_NUM_SPLITS": "64", "FLASH_DMATTN_GATHER_KEYS": "0"}))
-    # Decode key slices (1-32 rows: spare warps split each key tile) at a forced pipeline depth.
-    cases.append(([(5, 3000), (8, 2000), (1, 5)], 8, 2, 128, torch.bfloat16, "key", 2, "key", 2, True,
-                  {"FLASH_DMATTN_NUM_STAGES": "3"}))
-    cases.append(([(1, 3000), (3, 100)], 8, 2, 256, torch.float16, None, 0, "query", 2, False,
-                  {"FLASH_DMATTN_NUM_STAGES": "2", "FLASH_DMATTN_NUM_SPLITS": "3"}))
     for page_size in (1, 7, 64):
         cases.append(([(2, 700), (1, 65), (0, 30), (4, 0)], 8, 2, 128, torch.bfloat16, "key", 2, "key", 2, True,
                       gather if page_size == 7 else None, page_size))

@@ -1,5 +1,5 @@
-"""Decode time against the split-KV count and the K/V pipeline depth (and the gathered-key switch
-with --gather), to check the launch plan's heuristic (launch_plan.h) against the best fixed choice. Each setting is validated against the
+"""Decode time against the split-KV count and the gathered-key switch, to check the launch plan's
+heuristic (launch_plan.h) against the best fixed choice. Each setting is validated against the
 SDPA-math reference of the benchmark (peers.reference) before it is timed.
 
     python dev/sweep_splits.py [--cases decode-a,decode-b,decode-c,decode-d]
@@ -21,41 +21,37 @@ SPLITS = ["auto", "1", "2", "4", "8", "16", "32", "64", "128"]
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="decode-a,decode-b,decode-c,decode-d")
-    ap.add_argument("--stages", default="auto,2,3,5", help="FLASH_DMATTN_NUM_STAGES values")
-    ap.add_argument("--gather", default="auto", help="FLASH_DMATTN_GATHER_KEYS values, e.g. auto,0,1")
     args = ap.parse_args()
     timer = bench_varlen.Timer("cuda", quick=True)
     bandwidth = bench_varlen.measure_floors(timer)["bandwidth"]
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; cells: ms (% of byte floor)")
-    print("| case | gather | stages | " + " | ".join(f"splits={s}" for s in SPLITS) + " |")
-    print("|---|---|---|" + "---|" * len(SPLITS))
-    knobs = {"FLASH_DMATTN_NUM_SPLITS": None, "FLASH_DMATTN_GATHER_KEYS": None, "FLASH_DMATTN_NUM_STAGES": None}
+    print("| case | gather | " + " | ".join(f"splits={s}" for s in SPLITS) + " |")
+    print("|---|---|" + "---|" * len(SPLITS))
     for case in shapes.cuda_decode_cases():
         if case.name not in args.cases.split(","):
             continue
         inp = shapes.make_inputs(case, "cuda")
         ref = peers.reference(case, inp, case.dtype, budget_bytes=4 << 30)
         floor_ms = shapes.work_of(case, inp).bytes / bandwidth * 1e3
-        for gather in args.gather.split(","):
-            for stages in args.stages.split(","):
-                cells = []
-                for splits in SPLITS:
-                    knobs.update({"FLASH_DMATTN_NUM_SPLITS": splits, "FLASH_DMATTN_GATHER_KEYS": gather,
-                                  "FLASH_DMATTN_NUM_STAGES": stages})
-                    for name, value in knobs.items():
-                        os.environ.pop(name, None)
-                        if value != "auto":
-                            os.environ[name] = value
-                    out = bench_varlen.run_ours(inp)
-                    err = bench_varlen._max_err(out, ref) if ref is not None else 0.0
-                    if not err <= 0.05:
-                        cells.append(f"WRONG ({err:.3g})")
-                        continue
-                    ms = timer.median_ms(lambda: bench_varlen.run_ours(inp))
-                    cells.append(f"{ms:.3f} ({100 * floor_ms / ms:.0f}%)")
-                print(f"| {case.name} | {gather} | {stages} | " + " | ".join(cells) + " |")
-        for name in knobs:
-            os.environ.pop(name, None)
+        for gather in ("auto", "0", "1"):
+            cells = []
+            for splits in SPLITS:
+                os.environ.pop("FLASH_DMATTN_NUM_SPLITS", None)
+                os.environ.pop("FLASH_DMATTN_GATHER_KEYS", None)
+                if splits != "auto":
+                    os.environ["FLASH_DMATTN_NUM_SPLITS"] = splits
+                if gather != "auto":
+                    os.environ["FLASH_DMATTN_GATHER_KEYS"] = gather
+                out = bench_varlen.run_ours(inp)
+                err = bench_varlen._max_err(out, ref) if ref is not None else 0.0
+                if not err <= 0.05:
+                    cells.append(f"WRONG ({err:.3g})")
+                    continue
+                ms = timer.median_ms(lambda: bench_varlen.run_ours(inp))
+                cells.append(f"{ms:.3f} ({100 * floor_ms / ms:.0f}%)")
+            print(f"| {case.name} | {gather} | " + " | ".join(cells) + " |")
+        os.environ.pop("FLASH_DMATTN_NUM_SPLITS", None)
+        os.environ.pop("FLASH_DMATTN_GATHER_KEYS", None)
 
 
 if __name__ == "__main__":

@@ -12,44 +12,29 @@
 
 namespace {
 
-// Device attributes the plan reads, queried once per device (they never change).
-fdm::GpuInfo gpu_info() {
-    static fdm::GpuInfo cached[fdm::kMaxDevices];
-    static bool known[fdm::kMaxDevices] = {};
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return fdm::GpuInfo{0, 0, 0};
-    if (device < fdm::kMaxDevices && known[device]) return cached[device];
-    fdm::GpuInfo g{0, 0, 0};
-    if (cudaDeviceGetAttribute(&g.num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&g.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&g.smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-        return fdm::GpuInfo{0, 0, 0};
-    if (device < fdm::kMaxDevices) {
-        cached[device] = g;
-        known[device] = true;
-    }
-    return g;
+int num_sms() {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+        return 0;  // unknown: the plan then never splits
+    return sms;
 }
 
-template <int kHeadDim>
-fdm::TileSmem tile_smem() {
-    return fdm::TileSmem{fdm::FwdTile<kHeadDim>::kQBytes, fdm::FwdTile<kHeadDim>::kStageBytes};
-}
-
-fdm::TileSmem tile_smem_of(int tile_head_dim) {
+int smem_bytes(int tile_head_dim) {
     switch (tile_head_dim) {
-        case 32: return tile_smem<32>();
-        case 64: return tile_smem<64>();
-        case 96: return tile_smem<96>();
-        case 128: return tile_smem<128>();
-        case 192: return tile_smem<192>();
-        default: return tile_smem<256>();
+        case 32: return fdm::FwdTile<32>::kSmemBytes;
+        case 64: return fdm::FwdTile<64>::kSmemBytes;
+        case 96: return fdm::FwdTile<96>::kSmemBytes;
+        case 128: return fdm::FwdTile<128>::kSmemBytes;
+        case 192: return fdm::FwdTile<192>::kSmemBytes;
+        default: return fdm::FwdTile<256>::kSmemBytes;
     }
 }
 
 fdm::FwdPlan plan_for(const fdm_params &p) {
     const int tile_head_dim = fdm::tile_head_dim(p.head_dim);
-    return fdm::make_plan(p, fdm::kFwdBlockM, fdm::fwd_block_n(tile_head_dim), gpu_info(), tile_smem_of(tile_head_dim));
+    return fdm::make_plan(p, fdm::kFwdBlockM, fdm::fwd_block_n(tile_head_dim), num_sms(),
+                          fdm::fwd_ctas_per_sm(smem_bytes(tile_head_dim)));
 }
 
 template <class T>

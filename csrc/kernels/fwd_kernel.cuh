@@ -68,18 +68,14 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     const int n_stop = static_cast<int>(min_i64(num_n_tiles, n_begin + plan.tiles_per_split));
     const GatheredKeys gathered = plan.gather ? GatheredKeys::of(p, plan, ctx) : GatheredKeys{nullptr, nullptr};
 
-    // Shared memory (tiles.cuh) for a ring of S = plan.num_stages K/V stages.
-    const int S = plan.num_stages;
     extern __shared__ __align__(16) unsigned char smem[];
-    T *q_s = reinterpret_cast<T *>(smem);                                  // (kBlockM, kStride)
-    T *k_s = q_s + Tile::kQElems;                                          // (S, kBlockN, kStride)
-    T *v_s = k_s + S * Tile::kKVElems;                                     // (S, kBlockN, kStride)
-    int64_t *row_s = reinterpret_cast<int64_t *>(v_s + S * Tile::kKVElems);  // (S, kBlockN)
-    float *bias_s = reinterpret_cast<float *>(row_s + S * kBlockN);          // (S, kBlockN)
-    int *key_s = reinterpret_cast<int *>(bias_s + S * kBlockN);              // (S, kBlockN)
-    uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + S * kBlockN);      // (S, kBlockN)
-    int *tile_s = reinterpret_cast<int *>(keep_s + S * kBlockN);            // (kMaxStages,)
-    static_assert(kBlockN % 4 == 0, "tile_s is 4-byte aligned");
+    T *q_s = reinterpret_cast<T *>(smem);                                 // (kBlockM, kStride)
+    T *k_s = q_s + Tile::kQElems;                                         // (kStages, kBlockN, kStride)
+    T *v_s = k_s + Tile::kStages * Tile::kKVElems;                        // (kStages, kBlockN, kStride)
+    int64_t *row_s = reinterpret_cast<int64_t *>(v_s + Tile::kStages * Tile::kKVElems);  // (kStages, kBlockN)
+    float *bias_s = reinterpret_cast<float *>(row_s + Tile::kStages * kBlockN);          // (kStages, kBlockN)
+    int *key_s = reinterpret_cast<int *>(bias_s + Tile::kStages * kBlockN);              // (kStages, kBlockN)
+    uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + Tile::kStages * kBlockN);      // (kStages, kBlockN)
     const auto key_stage = [&](int stage) {
         return KeyStage{row_s + stage * kBlockN, bias_s + stage * kBlockN, key_s + stage * kBlockN,
                         keep_s + stage * kBlockN};
@@ -113,19 +109,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
                                   v_s + stage * Tile::kKVElems);
     };
 
-    // Warp roles. Rows come in groups of 16 (one MMA row block); when the block has fewer than 64
-    // rows (decode), the spare warps split every key tile instead: warp w computes row group
-    // w % row_groups over key slice w / row_groups (slice_tiles 8-key MMA tiles), and the slices'
-    // softmax states are merged at the end.
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int gid = lane / 4, tig = lane % 4;
-    const int row_groups = valid_rows <= 16 ? 1 : (valid_rows <= 32 ? 2 : Tile::kWarps);
-    const int key_slices = min(Tile::kWarps / row_groups, kBlockN / 16);
-    const int row_group = warp % row_groups, key_slice = warp / row_groups;
-    const int slice_tiles = kNTiles / key_slices;
-    const int slice_col0 = key_slice * slice_tiles * 8;  // first key column of the warp's slice
-    const int warp_row0 = row_group * 16;                 // first row of this warp inside the block
-    const bool warp_computes = key_slice < key_slices && warp_row0 < valid_rows;  // else it only loads
+    const int warp_row0 = warp * 16;  // first row of this warp inside the block
+    const bool warp_has_rows = warp_row0 < valid_rows;  // else it only helps with loads (decode)
     const RowInfo rows = make_row_info(ctx, warp_row0 + gid);
 
     float acc_o[kDTiles][4];  // O, rows (gid, gid + 8), columns 8d + 2tig + {0, 1}
@@ -133,36 +120,24 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     for (int d = 0; d < kDTiles; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
     OnlineSoftmax<kNTiles, kDTiles> softmax;
 
-    // The K/V ring of S stages: step c waits for visible tile c (stage c % S), refills the stage
-    // freed by step c - 1 with tile c + S - 1, then computes tile c, so S - 1 tiles are in flight
-    // during every computation. Every refill commits one cp.async group (empty past the range), so
-    // "tile c has landed" is always wait_group(S - 2). tile_s[stage] is the tile a stage holds
-    // (written with the same value by every thread).
-    int n_look = n_begin;  // next tile to test for visibility
-    int issued = 0;
-    auto issue_next = [&](int stage) {
-        n_look = next_visible(n_look, stage);
-        if (n_look < n_stop) {
-            load_kv_async(n_look, stage);
-            tile_s[stage] = n_look++;
-            ++issued;
-        } else {
-            cp_async_commit();
-        }
-    };
-    for (int stage = 0; stage < S - 1; ++stage) issue_next(stage);
+    int stage = 0;
+    int n = next_visible(n_begin, stage);
+    if (n < n_stop) load_kv_async(n, stage);
 
-    for (int computed = 0; computed < issued; ++computed) {
-        const int stage = computed % S;
-        cp_async_wait_dynamic(S - 2);
-        __syncthreads();  // tile c visible to all; every warp is done with step c - 1's stage
-        const int n = tile_s[stage];
-        issue_next((computed + S - 1) % S);
-        if (warp_computes) {
+    while (n < n_stop) {
+        const int n_next = next_visible(n + 1, stage ^ 1);
+        if (n_next < n_stop) {
+            load_kv_async(n_next, stage ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (warp_has_rows) {
             const T *k_tile = k_s + stage * Tile::kKVElems;
             const T *v_tile = v_s + stage * Tile::kKVElems;
 
-            // S = Q K^T: (16, 8 slice_tiles) per warp, keys slice_col0 + [0, 8 slice_tiles) of the tile.
+            // S = Q K^T: (16, kBlockN) per warp.
             float s[kNTiles][4];
 #pragma unroll
             for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
@@ -172,11 +147,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
                 ldmatrix_x4(a, smem_addr(q_s + (warp_row0 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
 #pragma unroll
                 for (int nn = 0; nn < kBlockN / 16; ++nn) {
-                    if (2 * nn >= slice_tiles) break;
                     const int mi = lane / 8;
                     uint32_t bk[4];
-                    ldmatrix_x4(bk, smem_addr(k_tile + (slice_col0 + nn * 16 + lane % 8 + (mi / 2) * 8) * kStride +
-                                              kk * 16 + (mi % 2) * 8));
+                    ldmatrix_x4(bk, smem_addr(k_tile + (nn * 16 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 +
+                                              (mi % 2) * 8));
                     mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
                     mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
                 }
@@ -184,14 +158,12 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
 
             // X = transform(S) in the log2 domain.
             const KeyStage st = key_stage(stage);
-            transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, st.keep, st.bias, plan.gather ? st.key : nullptr,
-                                            slice_col0, slice_tiles);
+            transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, st.keep, st.bias, plan.gather ? st.key : nullptr);
             softmax.update(s, acc_o);
 
-            // O += P V: P (16, 8 slice_tiles) as A fragments straight from the S accumulators.
+            // O += P V: P (16, kBlockN) as A fragments straight from the S accumulators.
 #pragma unroll
             for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                if (2 * kk >= slice_tiles) break;
                 uint32_t a[4];
                 a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
                 a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
@@ -201,50 +173,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
                 for (int dd = 0; dd < kHeadDim / 16; ++dd) {
                     const int mi = lane / 8;
                     uint32_t bv[4];
-                    ldmatrix_x4_trans(bv, smem_addr(v_tile + (slice_col0 + kk * 16 + lane % 8 + (mi % 2) * 8) * kStride +
-                                                    dd * 16 + (mi / 2) * 8));
+                    ldmatrix_x4_trans(bv, smem_addr(v_tile + (kk * 16 + lane % 8 + (mi % 2) * 8) * kStride + dd * 16 +
+                                                    (mi / 2) * 8));
                     mma_16816<T>(acc_o[2 * dd], a, bv[0], bv[1]);
                     mma_16816<T>(acc_o[2 * dd + 1], a, bv[2], bv[3]);
                 }
             }
         }
+        __syncthreads();  // every warp is done with `stage` before it is refilled
+        n = n_next;
+        stage ^= 1;
     }
     cp_async_wait<0>();  // the Q copy, when no key tile was visible
-
-    // Key slices: the warps of slices > 0 leave (m, l, O) in the free K/V stages, in fragment
-    // order (value v of lane l at scratch[(warp * kStateFloats + v) * 32 + l]); slice 0 merges them.
-    if (key_slices > 1) {
-        constexpr int kStateFloats = 4 + 4 * kDTiles;
-        static_assert(Tile::kWarps * kStateFloats * 32 * 4 <= 2 * 2 * Tile::kKVElems * 2,
-                      "the states of all warps fit two K/V stages");
-        float *scratch = reinterpret_cast<float *>(k_s);
-        __syncthreads();  // every warp is done with the K/V stages
-        if (warp_computes && key_slice > 0) {
-            float *mine = scratch + warp * kStateFloats * 32 + lane;
-            mine[0] = softmax.row_max[0];
-            mine[32] = softmax.row_max[1];
-            mine[64] = softmax.row_sum[0];
-            mine[96] = softmax.row_sum[1];
-#pragma unroll
-            for (int d = 0; d < kDTiles; ++d)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) mine[(4 + 4 * d + e) * 32] = acc_o[d][e];
-        }
-        __syncthreads();
-        if (warp_computes && key_slice == 0) {
-            for (int other = 1; other < key_slices; ++other) {
-                const float *theirs = scratch + (other * row_groups + row_group) * kStateFloats * 32 + lane;
-                const float other_max[2] = {theirs[0], theirs[32]}, other_sum[2] = {theirs[64], theirs[96]};
-                float scale_mine[2], scale_theirs[2];
-                softmax.merge(other_max, other_sum, scale_mine, scale_theirs);
-#pragma unroll
-                for (int d = 0; d < kDTiles; ++d)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        acc_o[d][e] = scale_mine[e / 2] * acc_o[d][e] + scale_theirs[e / 2] * theirs[(4 + 4 * d + e) * 32];
-            }
-        }
-    }
 
     // out = O / l, lse = ln l + m; rows past the sequence are not written. With split-KV this
     // CTA's partial goes to the workspace: o_partial (splits, total_q, H, D), lse_partial (splits, H, total_q).
@@ -256,7 +196,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = warp_row0 + gid + r * 8;
-        if (!warp_computes || key_slice != 0 || row >= valid_rows) continue;
+        if (row >= valid_rows) continue;
         const int packed = ctx.m0 + row;
         const int64_t q_row = ctx.seq.q_start + packed / P, h = h0 + packed % P;
         if (plan.num_splits == 1) {

@@ -17,18 +17,16 @@ int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
 
     auto kernel = fwd_kernel<T, kHeadDim>;
     // The shared-memory opt-in is per (function, device) and costs microseconds of host time:
-    // done once per device, for the largest ring (a benign race sets it twice at worst).
+    // done once per device (a benign race sets it twice at worst).
     static bool smem_configured[kMaxDevices] = {};
     int device = 0;
     if (cudaGetDevice(&device) != cudaSuccess) return FDM_ERR_CUDA;
     if (device >= kMaxDevices || !smem_configured[device]) {
-        int optin = 0;
-        if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin) != cudaSuccess)
+        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes) != cudaSuccess)
             return FDM_ERR_CUDA;
         if (device < kMaxDevices) smem_configured[device] = true;
     }
-    kernel<<<static_cast<unsigned>(num_ctas), Tile::kThreads, plan.smem_bytes, stream>>>(p, plan);
+    kernel<<<static_cast<unsigned>(num_ctas), Tile::kThreads, Tile::kSmemBytes, stream>>>(p, plan);
     return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
 }
 

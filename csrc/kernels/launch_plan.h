@@ -2,15 +2,12 @@
 // device data is read, so a call can be captured in a CUDA graph), and the workspace layout they
 // imply (read by the host to size it and by the kernels to address it).
 //
-// Four decisions, aimed at decoding (few queries, many keys) and sparse key masks:
+// Three decisions, aimed at decoding (few queries, many keys) and sparse key masks:
 //   packed GQA: the P = G query heads that share a KV head become rows of one CTA (row R of a
 //     block is query R / P of head h0 + R % P), so each K/V tile is loaded once for all of them.
-//   split-KV: when the CTAs are too few for a balanced GPU, each (row block, head block) is cut
+//   split-KV: when the CTAs are fewer than one wave, each (row block, head block) is cut
 //     into num_splits key ranges computed by separate CTAs; a combine kernel merges their partial
 //     outputs by their log-sum-exp (flash-decoding).
-//   pipeline depth: a grid whose row blocks hold whole sequences (decode) is bound by HBM
-//     bandwidth, so one CTA per SM gets as deep a K/V ring as shared memory allows (more bytes in
-//     flight); otherwise two stages leave room for two CTAs per SM.
 //   gathered keys: with a key-based mask, a compaction pass (key_gather.cu) lists the visible keys
 //     of every kGatherChunk-key chunk, and the kernel's key tiles are filled from those lists, so
 //     work and K/V bytes scale with the visible keys. Tile n of a CTA is then "virtual": subtile
@@ -27,9 +24,7 @@ namespace fdm {
 constexpr int kGatherChunk = 1024;     // keys per compaction chunk (a multiple of every kBlockN)
 constexpr int kMaxSplits = 128;        // split-KV ranges per row block at most
 constexpr int kMinSplitTiles = 8;      // key tiles per range at least (amortizes the partial write)
-constexpr int kWavesWanted = 3;        // split until the grid holds about this many waves of CTAs
-constexpr int kMaxStages = 8;          // K/V pipeline depth at most
-constexpr int kSmemPerCta = 1024;      // shared memory the system reserves per resident CTA
+constexpr int kWavesWanted = 2;        // a split grid holds about this many waves of CTAs
 
 // Kernel argument: how the grid maps onto the problem.
 struct FwdPlan {
@@ -40,21 +35,6 @@ struct FwdPlan {
     int gather;             // 1: key tiles are filled from the gathered key lists
     int tiles_per_chunk;    // kGatherChunk / kBlockN
     int max_chunks;         // ceil(max_seqlen_k / kGatherChunk)
-    int num_stages;         // K/V pipeline depth (2 .. kMaxStages)
-    int smem_bytes;         // dynamic shared memory of one CTA
-};
-
-// Shared memory of one CTA of an instantiation: q_bytes + stages * stage_bytes (tiles.cuh).
-struct TileSmem {
-    int q_bytes;            // Q tile and the per-stage bookkeeping
-    int stage_bytes;        // one K/V stage with its per-key staging
-};
-
-// What the plan needs to know of the GPU (device attributes).
-struct GpuInfo {
-    int num_sms;            // 0 when unknown: then nothing is split
-    int smem_per_sm;        // shared memory per SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor)
-    int smem_per_block;     // opt-in maximum per CTA (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
@@ -74,20 +54,11 @@ inline bool use_gather(const fdm_params &p) {
     return p.max_seqlen_k >= 2 * kGatherChunk;
 }
 
-inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, GpuInfo gpu, TileSmem smem) {
+// ctas_per_sm: resident CTAs of this instantiation per SM (tiles.cuh, fwd_ctas_per_sm).
+inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_sms, int ctas_per_sm) {
     FwdPlan plan;
     plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
     plan.num_m_blocks = static_cast<int>((p.max_seqlen_q * plan.heads_per_cta + block_m - 1) / block_m);
-    const int room = gpu.smem_per_sm - kSmemPerCta < gpu.smem_per_block ? gpu.smem_per_sm - kSmemPerCta
-                                                                        : gpu.smem_per_block;
-    int fit = (room - smem.q_bytes) / smem.stage_bytes;
-    fit = fit < 2 ? 2 : (fit > kMaxStages ? kMaxStages : fit);
-    plan.num_stages = plan.num_m_blocks <= 1 ? fit : 2;
-    if (p.force_num_stages >= 2) plan.num_stages = p.force_num_stages < fit ? p.force_num_stages : fit;
-    plan.smem_bytes = smem.q_bytes + plan.num_stages * smem.stage_bytes;
-    const int num_sms = gpu.num_sms;
-    int ctas_per_sm = gpu.smem_per_sm / (plan.smem_bytes + kSmemPerCta);
-    if (ctas_per_sm < 1) ctas_per_sm = 1;
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;
     plan.max_chunks = static_cast<int>((p.max_seqlen_k + kGatherChunk - 1) / kGatherChunk);
@@ -95,15 +66,16 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, GpuInfo 
                                           : (p.max_seqlen_k + block_n - 1) / block_n;
     const int64_t head_blocks = p.num_heads / plan.heads_per_cta;
     const int64_t ctas = static_cast<int64_t>(plan.num_m_blocks) * head_blocks * p.batch;
-    const int64_t slots = static_cast<int64_t>(num_sms) * ctas_per_sm;
+    const int64_t slots = static_cast<int64_t>(num_sms) * (ctas_per_sm > 0 ? ctas_per_sm : 1);
     int64_t splits = 1;
     if (p.force_num_splits > 0) {
         splits = p.force_num_splits;
-    } else if (ctas > 0 && num_sms > 0 && ctas < kWavesWanted * slots && key_tiles >= 2 * kMinSplitTiles) {
-        // The whole grid's key-tile work, from the host-known total_k (the lengths themselves stay
-        // on the device; a paged cache without key-based operands leaves total_k unknown, 0, and
-        // its bound B * max_seqlen_k serves): ranges of about work / (kWavesWanted * slots) tiles
-        // keep every SM busy to the end even when the lengths differ widely.
+    } else if (ctas > 0 && num_sms > 0 && ctas < slots && key_tiles >= 2 * kMinSplitTiles) {
+        // Fewer CTAs than one wave: split. The whole grid's key-tile work comes from the host-known
+        // total_k (the lengths themselves stay on the device; a paged cache without key-based
+        // operands leaves total_k unknown, 0, and its bound B * max_seqlen_k serves): ranges of
+        // about work / (kWavesWanted * slots) tiles keep every SM busy to the end even when the
+        // lengths differ widely. (dev/sweep_splits.py measures this choice against fixed ones.)
         const int64_t keys = p.total_k > 0 ? p.total_k : p.batch * p.max_seqlen_k;
         const int64_t work = plan.num_m_blocks * head_blocks * ((keys + block_n - 1) / block_n);
         int64_t per_split = (work + kWavesWanted * slots - 1) / (kWavesWanted * slots);

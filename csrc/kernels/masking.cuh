@@ -66,19 +66,18 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
     return r;
 }
 
-// S (16 x 8 num_tiles per warp, this thread's (kNTiles, 4) part) -> X in the log2 domain:
+// S (16 x kBlockN per warp, this thread's (kNTiles, 4) part) -> X in the log2 domain:
 //   x = scale * s;  x = softcap * tanh(x / softcap);  x += bias;  x = -inf where hidden.
-// Element (t, e) is row gid + 8 * (e / 2), column c = col_base + 8 t + 2 tig + e % 2 of the tile,
-// which holds key j = n * kBlockN + c, or keys[c] on a gathered tile (keys != nullptr; kNoKey past
-// its keys). Tiles t >= num_tiles (past the warp's key slice) become -inf.
+// Element (t, e) is row gid + 8 * (e / 2), column c = 8 t + 2 tig + e % 2, which holds key
+// j = n * kBlockN + c, or keys[c] on a gathered tile (keys != nullptr; kNoKey past its keys).
 // keep / kbias: the tile's staged key-based mask and bias. Each step is one uniform branch per
 // tile, not per element; limits are tested only on tiles that cross Lk or the diagonal.
 template <class Tile, int kNTiles>
 __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const fdm_params &p, const MaskContext &c,
                                                  const RowInfo &rows, int n, const uint8_t *keep,
-                                                 const float *kbias, const int *keys, int col_base, int num_tiles) {
+                                                 const float *kbias, const int *keys) {
     const int j0 = n * Tile::kBlockN;
-    const int col0 = col_base + 2 * (threadIdx.x % 4);
+    const int col0 = 2 * (threadIdx.x % 4);
     const auto key_of = [&](int t, int e) {
         const int col = t * 8 + col0 + e % 2;
         return keys != nullptr ? keys[col] : j0 + col;
@@ -158,9 +157,6 @@ __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const f
                 }
         }
     }
-#pragma unroll
-    for (int t = 0; t < kNTiles; ++t)
-        if (t >= num_tiles) s[t][0] = s[t][1] = s[t][2] = s[t][3] = -INFINITY;
 }
 
 }  // namespace fdm

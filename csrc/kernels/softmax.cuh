@@ -60,22 +60,6 @@ struct OnlineSoftmax {
         }
     }
 
-    // Folds in the (m', l') of the same rows over other keys (another warp's key slice):
-    //   m = max(m, m');  l = 2^(m_old - m) l + 2^(m' - m) l'
-    // and returns the factors (2^(m_old - m), 2^(m' - m)) per row that O and O' are to be scaled by.
-    __device__ __forceinline__ void merge(const float (&other_max)[2], const float (&other_sum)[2], float (&mine)[2],
-                                          float (&theirs)[2]) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float new_max = fmaxf(row_max[r], other_max[r]);
-            const float base = new_max == -INFINITY ? 0.f : new_max;
-            mine[r] = exp2f(row_max[r] - base);
-            theirs[r] = exp2f(other_max[r] - base);
-            row_max[r] = new_max;
-            row_sum[r] = mine[r] * row_sum[r] + theirs[r] * other_sum[r];
-        }
-    }
-
     // O = O / l and lse = ln(sum exp(s)) = (m + log2 l) ln 2; a row with l = 0 gets O = 0, lse = -inf.
     __device__ __forceinline__ void finalize(float (&acc_o)[kDTiles][4], float (&lse)[2]) {
 #pragma unroll

@@ -12,8 +12,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "launch_plan.h"
-
 namespace fdm {
 
 // Rows per CTA and keys per K/V tile, also read by the host's launch plan.
@@ -33,24 +31,26 @@ struct FwdTile {
                                                                 // puts 8 consecutive rows in 8 distinct
                                                                 // bank groups, so ldmatrix is conflict-free
     static constexpr int kChunksPerRow = kHeadDim / 8;          // 16-byte chunks per row
+    static constexpr int kStages = 2;                           // K/V double buffer
 
-    // Shared memory, in this order (every array aligned to its element size, the tiles to 16 bytes),
-    // for a ring of `stages` K/V stages (the launch plan picks the depth, FwdPlan::num_stages):
+    // Shared memory, in this order (every array aligned to its element size, the tiles to 16 bytes):
     //   q_s      (kBlockM, kRowStride)                  Q tile
-    //   k_s      (stages, kBlockN, kRowStride)          K tiles
-    //   v_s      (stages, kBlockN, kRowStride)          V tiles
+    //   k_s      (kStages, kBlockN, kRowStride)         K tiles
+    //   v_s      (kStages, kBlockN, kRowStride)         V tiles
     //   then per stage, one entry per key column of the tile (key_tiles.cuh, KeyStage):
-    //   row_s    (stages, kBlockN) int64                K/V row of the column (-1: zero-filled)
-    //   bias_s   (stages, kBlockN) float                key-based bias
-    //   key_s    (stages, kBlockN) int32                local key index j (gathered tiles)
-    //   keep_s   (stages, kBlockN) uint8                key-based mask (1 = keep)
-    //   tile_s   (kMaxStages,) int32                    key tile held by each stage
+    //   row_s    (kStages, kBlockN) int64               K/V row of the column (-1: zero-filled)
+    //   bias_s   (kStages, kBlockN) float               key-based bias
+    //   key_s    (kStages, kBlockN) int32               local key index j (gathered tiles)
+    //   keep_s   (kStages, kBlockN) uint8               key-based mask (1 = keep)
     static constexpr int kQElems = kBlockM * kRowStride;
     static constexpr int kKVElems = kBlockN * kRowStride;
-    static constexpr int kQBytes = 2 * kQElems + kMaxStages * 4;
-    static constexpr int kStageBytes = 2 * 2 * kKVElems + kBlockN * (8 + 4 + 4 + 1);
-    static constexpr int smem_bytes(int stages) { return kQBytes + stages * kStageBytes; }
+    static constexpr int kKeyStageBytes = kBlockN * (8 + 4 + 4 + 1);
+    static constexpr int kSmemBytes = 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;
 };
+
+// Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by
+// CTAs, 1 KB reserved per CTA); the launch plan sizes its waves with it.
+constexpr int fwd_ctas_per_sm(int smem_bytes) { return (227 * 1024) / (smem_bytes + 1024); }
 
 // Tile head dim serving a real head dim (multiple of 8, <= 256); 0 when none does.
 inline int tile_head_dim(int64_t d) {
@@ -76,19 +76,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-// wait_group with a run-time count (the pipeline depth is chosen at launch), 0 <= pending < 8.
-__device__ __forceinline__ void cp_async_wait_dynamic(int pending) {
-    switch (pending) {
-        case 0: cp_async_wait<0>(); break;
-        case 1: cp_async_wait<1>(); break;
-        case 2: cp_async_wait<2>(); break;
-        case 3: cp_async_wait<3>(); break;
-        case 4: cp_async_wait<4>(); break;
-        case 5: cp_async_wait<5>(); break;
-        case 6: cp_async_wait<6>(); break;
-        default: cp_async_wait<7>(); break;
-    }
 }
 
 // Copies kRows rows into a (kRows, kRowStride) shared tile. row_ptr(r) is the global address of
