@@ -69,7 +69,8 @@ def check_plan(problem, plan):
         assert num_splits >= min(force_splits, key_tiles, 128) // 2
     elif num_splits > 1:
         assert ctas < sms * ctas_per_sm, "splits only when the grid is less than one wave of CTAs"
-        assert tiles_per_split >= 4
+        tiny = ctas * key_tiles <= sms * ctas_per_sm       # one key tile per CTA, still one wave
+        assert tiles_per_split == 1 if tiny else tiles_per_split >= 4
 
     # Workspace: partial outputs and lse with split-KV, then the gathered lists and counts.
     expect = 0
@@ -116,7 +117,7 @@ def test_plan_of_the_benchmark_shapes(probe):
     assert plans["a"][0] == 4 and plans["a"][2] >= 8 and plans["a"][4] == 1   # packed, split, gathered
     assert plans["c"][0] == 4 and plans["c"][2] >= 32                        # split across the GPU
     assert plans["d"][0] == 4 and plans["d"][2] == 1                         # about two waves: no split
-    assert plans["e"][4] == 0                                                # short: plain key tiles
+    assert plans["e"][4] == 0 and plans["e"][2:4] == (4, 1)                  # tiny: one tile per CTA
     assert plans["per_head"][0] == 1 and plans["per_head"][2] >= 4
     assert plans["prefill"][:3] == (1, 128, 1)                               # neither packed nor split
     assert plans["forced"][2] == 7 and plans["forced"][4] == 0

@@ -70,6 +70,10 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     int64_t splits = 1;
     if (p.force_num_splits > 0) {
         splits = p.force_num_splits;
+    } else if (ctas > 0 && num_sms > 0 && ctas * key_tiles <= slots) {
+        // A tiny problem (one wave even at one key tile per CTA, e.g. a small decode batch): its
+        // time is the latency of one CTA's tile chain, so each CTA takes a single tile.
+        splits = key_tiles;
     } else if (ctas > 0 && num_sms > 0 && ctas < slots && key_tiles >= 2 * kMinSplitTiles) {
         // Fewer CTAs than one wave: split. The whole grid's key-tile work comes from the host-known
         // total_k (the lengths themselves stay on the device; a paged cache without key-based
