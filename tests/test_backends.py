@@ -35,7 +35,8 @@ def backend_dtype_params():
     params = []
     for name in get_available_backends():
         for dtype in dtypes:
-            params.append(pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}"))
+            # The device leads the id, so `-k cuda` (dev/gpu_run.sh) selects every backend on a GPU.
+            params.append(pytest.param(name, dtype, id=f"{DEVICE}-{name}-{str(dtype)[6:]}"))
     if TRITON_INTERPRETED:
         for dtype in (torch.float32, torch.float16):
             params.append(pytest.param("triton", dtype, id=f"triton-interpreted-{str(dtype)[6:]}"))
