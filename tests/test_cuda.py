@@ -5,6 +5,7 @@ import torch
 import flash_dmattn
 from conftest import (
     HAS_CUDA,
+    capture_cuda_graph,
     check_against_reference,
     make_batch,
     make_bias,
@@ -86,14 +87,8 @@ def test_cuda_graph_capture_and_replay(dtype):
     bias = make_bias(batch, "query", "H")
     kwargs = dict(attn_mask=mask, attn_bias=bias, is_causal=True)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run_flash(batch, **kwargs)  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = run_flash(batch, **kwargs)  # max_seqlen given: no host synchronization
+    # max_seqlen given: no host synchronization inside the capture.
+    graph, (out, lse) = capture_cuda_graph(lambda: run_flash(batch, **kwargs))
 
     for _ in range(2):
         for t in (batch.q, batch.k, batch.v, bias):

@@ -18,6 +18,7 @@ from conftest import (
     DTYPE_NAMES,
     LSE_FLOOR,
     OUT_FLOOR,
+    capture_cuda_graph,
     check_against_reference,
     device_dtype_params,
     device_params,
@@ -387,14 +388,8 @@ def test_cuda_graph_replay_with_page_table(dtype):
     mask, bias = make_mask(batch, "key", "H_k"), make_bias(batch, "key", "H")
     kwargs = dict(attn_mask=mask, attn_bias=bias, is_causal=True)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run_paged(batch, paged, **kwargs)  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = run_paged(batch, paged, **kwargs)  # max_seqlen given: no host synchronization
+    # max_seqlen given: no host synchronization inside the capture.
+    graph, (out, lse) = capture_cuda_graph(lambda: run_paged(batch, paged, **kwargs))
 
     for _ in range(2):
         for t in (batch.q, batch.k, batch.v, bias):
