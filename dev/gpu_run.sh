@@ -32,7 +32,9 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. Tests (CUDA and CPU cases).
-python3 -m pytest -p no:cacheprovider ${PYTEST_ARGS:-tests} >"$OUT/pytest.log" 2>&1
+# PYTEST_ARGS is parsed like a shell line, so a -k expression can be quoted:
+# PYTEST_ARGS='-q -k "cuda and warp_layouts" tests'
+eval "python3 -m pytest -p no:cacheprovider ${PYTEST_ARGS:-tests}" >"$OUT/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30
 summary+=("pytest     $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1) (exit $rc)")

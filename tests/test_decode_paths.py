@@ -3,10 +3,11 @@ reads on every call, and checked against the float64 reference:
 
 - FLASH_DMATTN_NUM_SPLITS=n: split-KV with n key ranges per row block (merged by the combine kernel);
 - FLASH_DMATTN_GATHER_KEYS=1/0: the gathered-key path for key-based masks on / off;
+- FLASH_DMATTN_KEY_SPLIT=1/0: the warps split each key tile (blocks of <= 32 rows) / the rows;
 - packed GQA (no override): taken when the mask/bias do not vary across a group's query heads
   (h' in {1, H_k} or query-based) and max_seqlen_q * G <= 128, i.e. the GQA/MQA decode cases here.
 
-The CPU kernel ignores both variables, so the CPU cases check the CPU kernel on the same inputs (kept
+The CPU kernel ignores the variables, so the CPU cases check the CPU kernel on the same inputs (kept
 small: the float64 reference is slow); the bigger shapes run on CUDA only. Also: CUDA graph replay of
 a decode step with new contents and new sequence lengths, torch.compile, and agreement of the paths
 with one another on the same inputs.
@@ -34,6 +35,7 @@ from conftest import (
 
 NUM_SPLITS = "FLASH_DMATTN_NUM_SPLITS"
 GATHER_KEYS = "FLASH_DMATTN_GATHER_KEYS"
+KEY_SPLIT = "FLASH_DMATTN_KEY_SPLIT"
 
 DEVICE_DTYPES = device_dtype_params(cpu=[torch.float32])
 SPLITS = [1, 2, 7, 64]
@@ -73,9 +75,9 @@ def no_overrides(monkeypatch):
     use_paths(monkeypatch)
 
 
-def use_paths(monkeypatch, splits=None, gather=None):
-    """Sets FLASH_DMATTN_NUM_SPLITS / FLASH_DMATTN_GATHER_KEYS; None unsets (the heuristic)."""
-    for name, value in ((NUM_SPLITS, splits), (GATHER_KEYS, gather)):
+def use_paths(monkeypatch, splits=None, gather=None, key_split=None):
+    """Sets FLASH_DMATTN_NUM_SPLITS / _GATHER_KEYS / _KEY_SPLIT; None unsets (the heuristic)."""
+    for name, value in ((NUM_SPLITS, splits), (GATHER_KEYS, gather), (KEY_SPLIT, key_split)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
@@ -374,3 +376,24 @@ def test_paths_agree(monkeypatch, device, dtype, shape, mask_heads, causal):
     for gather, splits in PATH_VARIANTS[1:]:
         use_paths(monkeypatch, gather=gather, splits=splits)
         assert_paths_agree(first, run_flash(batch, **kwargs), f"gather={gather}, splits={splits}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The warps' layouts (csrc/kernels/tile_math.cuh)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key_split", [0, 1], ids=["rows", "keys"])
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("device,dtype,head_dim", per_device(
+    cpu=[(64,)], cuda=[(d,) for d in (32, 64, 80, 96, 128, 192, 256)], ids=lambda d: f"d{d}"))
+def test_warp_layouts(monkeypatch, device, dtype, head_dim, heads, key_split):
+    """Decode batches through both layouts of the warps: the key split (every warp takes a slice of
+    each key tile and of the head dim; its odd cases are D = 32 and 96, one or three 8-column tiles
+    per warp, and D = 192 and 256, 8 keys per warp) and the row split. Each operand variant once,
+    causal or not, at the heuristic's split count or at 7 splits (fresh inputs per check)."""
+    num_heads, num_heads_k = HEADS[heads]
+    for i, operands in enumerate(OPERANDS):
+        use_paths(monkeypatch, key_split=key_split, splits=None if i < 2 else 7)
+        batch = make_batch(DECODE_SEQLENS[device], num_heads, num_heads_k, head_dim, dtype, device)
+        out, lse = run_and_check(batch, is_causal=i % 2 == 1, **make_operands(batch, operands))
+        assert_empty_key_sequences_hidden(batch, out, lse)

@@ -41,7 +41,7 @@ def align16(n):
 def check_plan(problem, plan):
     (b, h, hk, max_q, max_k, total_k, block_m, block_n, sms, ctas_per_sm, mask_layout, mask_group_stride,
      force_splits, force_gather) = problem
-    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace = plan
+    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace, key_split = plan
     group = h // hk
 
     # Packed GQA: only whole groups, never when a key-based mask differs across the group's heads.
@@ -49,6 +49,8 @@ def check_plan(problem, plan):
     if mask_layout == MASK_KEY and mask_group_stride != 0:
         assert heads_per_cta == 1
     assert num_m_blocks == math.ceil(max_q * heads_per_cta / block_m)
+    # The key-split layout exactly for blocks of at most 32 rows (decode).
+    assert key_split == (max_q * heads_per_cta <= 32)
 
     # Gathered keys: only for key-based masks; forced either way, else from 2048 keys on.
     if mask_layout != MASK_KEY or max_k == 0:

@@ -20,21 +20,28 @@ int num_sms() {
     return sms;
 }
 
-int smem_bytes(int tile_head_dim) {
+int smem_bytes(int tile_head_dim, bool key_split) {
     switch (tile_head_dim) {
-        case 32: return fdm::FwdTile<32>::kSmemBytes;
-        case 64: return fdm::FwdTile<64>::kSmemBytes;
-        case 96: return fdm::FwdTile<96>::kSmemBytes;
-        case 128: return fdm::FwdTile<128>::kSmemBytes;
-        case 192: return fdm::FwdTile<192>::kSmemBytes;
-        default: return fdm::FwdTile<256>::kSmemBytes;
+        case 32: return fdm::FwdTile<32>::smem_bytes(key_split);
+        case 64: return fdm::FwdTile<64>::smem_bytes(key_split);
+        case 96: return fdm::FwdTile<96>::smem_bytes(key_split);
+        case 128: return fdm::FwdTile<128>::smem_bytes(key_split);
+        case 192: return fdm::FwdTile<192>::smem_bytes(key_split);
+        default: return fdm::FwdTile<256>::smem_bytes(key_split);
     }
 }
 
 fdm::FwdPlan plan_for(const fdm_params &p) {
     const int tile_head_dim = fdm::tile_head_dim(p.head_dim);
+    const bool key_split = fdm::use_key_split(p, fdm::kFwdBlockM);
     return fdm::make_plan(p, fdm::kFwdBlockM, fdm::fwd_block_n(tile_head_dim), num_sms(),
-                          fdm::fwd_ctas_per_sm(smem_bytes(tile_head_dim)));
+                          fdm::fwd_ctas_per_sm(smem_bytes(tile_head_dim, key_split)));
+}
+
+template <class T, int kHeadDim>
+int run_layout(const fdm_params &p, const fdm::FwdPlan &plan, cudaStream_t stream) {
+    return plan.key_split ? fdm::run_fwd<T, kHeadDim, true>(p, plan, stream)
+                          : fdm::run_fwd<T, kHeadDim, false>(p, plan, stream);
 }
 
 template <class T>
@@ -47,12 +54,12 @@ int forward(const fdm_params &p, cudaStream_t stream) {
     }
     int status = FDM_ERR_HEAD_DIM;
     switch (fdm::tile_head_dim(p.head_dim)) {
-        case 32: status = fdm::run_fwd<T, 32>(p, plan, stream); break;
-        case 64: status = fdm::run_fwd<T, 64>(p, plan, stream); break;
-        case 96: status = fdm::run_fwd<T, 96>(p, plan, stream); break;
-        case 128: status = fdm::run_fwd<T, 128>(p, plan, stream); break;
-        case 192: status = fdm::run_fwd<T, 192>(p, plan, stream); break;
-        case 256: status = fdm::run_fwd<T, 256>(p, plan, stream); break;
+        case 32: status = run_layout<T, 32>(p, plan, stream); break;
+        case 64: status = run_layout<T, 64>(p, plan, stream); break;
+        case 96: status = run_layout<T, 96>(p, plan, stream); break;
+        case 128: status = run_layout<T, 128>(p, plan, stream); break;
+        case 192: status = run_layout<T, 192>(p, plan, stream); break;
+        case 256: status = run_layout<T, 256>(p, plan, stream); break;
         default: break;
     }
     if (status == FDM_OK && plan.num_splits > 1) status = fdm::run_combine<T>(p, plan, stream);

@@ -26,6 +26,10 @@ namespace fdm {
 
 constexpr int kNoKey = 0x7fffffff;  // key[c] of an empty column: above every causal limit
 
+// Subtiles of a gathered chunk (FwdPlan::tiles_per_chunk, known at compile time here).
+template <class Tile>
+constexpr int kTilesPerChunk = kGatherChunk / Tile::kBlockN;
+
 // One pipeline stage's per-key staging in shared memory, (kBlockN,) each.
 struct KeyStage {
     int64_t *row;
@@ -55,9 +59,9 @@ struct GatheredKeys {
 template <class Tile>
 __device__ __forceinline__ int skip_empty_subtiles(const FwdPlan &plan, const GatheredKeys &g, int n, int n_stop) {
     while (n < n_stop) {
-        const int chunk = n / plan.tiles_per_chunk, t = n % plan.tiles_per_chunk;
+        const int chunk = n / kTilesPerChunk<Tile>, t = n % kTilesPerChunk<Tile>;
         if (t * Tile::kBlockN < g.counts[chunk]) break;
-        n = (chunk + 1) * plan.tiles_per_chunk;
+        n = (chunk + 1) * kTilesPerChunk<Tile>;
     }
     return n;
 }
@@ -65,11 +69,11 @@ __device__ __forceinline__ int skip_empty_subtiles(const FwdPlan &plan, const Ga
 // What thread tid < kBlockN stages for column tid of a tile, read from global memory. Fetched one
 // tile ahead (prepare_key_tile), so its loads are in flight while the current tile is computed.
 struct KeyColumn {
-    int n;        // the tile it belongs to; -1: nothing fetched
-    int key;      // local key index j, kNoKey past the tile's keys
-    int64_t row;  // K/V row of j (-1: none; only paged or gathered tiles need it)
-    float bias;   // key-based bias of j (0 without one)
-    bool keep;    // key-based mask of j (contiguous tiles)
+    int n;               // the tile it belongs to; -1: nothing fetched
+    int key;             // local key index j, kNoKey past the tile's keys
+    int64_t row;         // K/V row of j (-1: none; only paged or gathered tiles need it)
+    uint32_t bias_bits;  // key-based bias of j, raw (0 without one): converted when staged, so
+    uint32_t keep_bits;  // key-based mask of j, raw (1 when there is none to read)      the loads stay in flight
 };
 
 template <class Tile>
@@ -79,11 +83,11 @@ __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const
     col.n = n;
     int j = n * Tile::kBlockN + static_cast<int>(threadIdx.x);
     if (plan.gather) {
-        const int chunk = n / plan.tiles_per_chunk;
+        const int chunk = n / kTilesPerChunk<Tile>;
         const int chunk_start = chunk * kGatherChunk;
         const int count = gathered.counts[chunk];
         const int chunk_len = static_cast<int>(min_i64(kGatherChunk, c.seq.len_k - chunk_start));
-        const int e = (n % plan.tiles_per_chunk) * Tile::kBlockN + threadIdx.x;  // entry of the chunk's list
+        const int e = (n % kTilesPerChunk<Tile>) * Tile::kBlockN + threadIdx.x;  // entry of the chunk's list
         j = kNoKey;
         if (e < count) j = count == chunk_len ? chunk_start + e : gathered.keys[chunk_start + e];
     } else if (j >= c.seq.len_k) {
@@ -92,11 +96,12 @@ __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const
     const bool has_key = j != kNoKey;
     col.key = j;
     col.row = has_key && (plan.gather || p.block_table != nullptr) ? fdm_key_row(&p, &c.seq, j) : -1;
-    col.bias = has_key && p.bias.ptr != nullptr && p.bias.layout == FDM_LAYOUT_KEY
-                   ? bias_value(p.bias, fdm_operand_offset(&p.bias, &c.seq, c.hk, c.g, 0, j))
-                   : 0.f;
-    col.keep = has_key && (plan.gather || p.mask.ptr == nullptr || p.mask.layout != FDM_LAYOUT_KEY ||
-                           mask_keeps(p.mask, fdm_operand_offset(&p.mask, &c.seq, c.hk, c.g, 0, j)));
+    col.bias_bits = has_key && p.bias.ptr != nullptr && p.bias.layout == FDM_LAYOUT_KEY
+                        ? operand_bits(p.bias, fdm_operand_offset(&p.bias, &c.seq, c.hk, c.g, 0, j))
+                        : 0u;
+    const bool read_mask = has_key && !plan.gather && p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_KEY;
+    col.keep_bits = read_mask ? operand_bits(p.mask, fdm_operand_offset(&p.mask, &c.seq, c.hk, c.g, 0, j))
+                              : (has_key ? 1u : 0u);
     return col;
 }
 
@@ -135,11 +140,13 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
     bool any = false;
     if (tid < Tile::kBlockN) {
         const KeyColumn col = next.n == n ? next : fetch_key_column<Tile>(p, plan, c, gathered, n);
+        const bool has_key = col.key != kNoKey;
+        const bool keep = has_key && (plan.gather || !key_mask || mask_keeps_bits(p.mask, col.keep_bits));
         st.key[tid] = col.key;
         st.row[tid] = col.row;
-        st.bias[tid] = col.bias;
-        st.keep[tid] = col.keep;
-        any = plan.gather ? col.key < c.key_end : key_mask && col.keep;
+        st.bias[tid] = col.bias_bits != 0u ? bias_from_bits(p.bias, col.bias_bits) : 0.f;
+        st.keep[tid] = keep;
+        any = plan.gather ? col.key < c.key_end : key_mask && keep;
         next.n = -1;
         if (n + 1 < n_stop) next = fetch_key_column<Tile>(p, plan, c, gathered, n + 1);
     }
@@ -159,21 +166,13 @@ __device__ __forceinline__ void load_key_tile_async(const fdm_params &p, const F
     const T *k_head = static_cast<const T *>(p.k) + c.hk * p.k_head_stride;  // row 0 of the KV head
     const T *v_head = static_cast<const T *>(p.v) + c.hk * p.v_head_stride;
     if (plan.gather || p.block_table != nullptr) {  // rows staged by prepare_key_tile
-        load_rows_async<Tile, Tile::kBlockN>(
-            k_tile, [&](int r) { return st.row[r] < 0 ? nullptr : k_head + st.row[r] * p.k_row_stride; }, k_head,
-            head_dim);
-        load_rows_async<Tile, Tile::kBlockN>(
-            v_tile, [&](int r) { return st.row[r] < 0 ? nullptr : v_head + st.row[r] * p.v_row_stride; }, v_head,
-            head_dim);
+        load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
+                                 [&](int r) { return st.row[r]; }, head_dim);
     } else {  // packed rows k_start + j
         const int64_t j0 = static_cast<int64_t>(n) * Tile::kBlockN;
-        const T *k_rows = k_head + (c.seq.k_start + j0) * p.k_row_stride;
-        const T *v_rows = v_head + (c.seq.k_start + j0) * p.v_row_stride;
-        const int64_t valid = c.seq.len_k - j0;
-        load_rows_async<Tile, Tile::kBlockN>(
-            k_tile, [&](int r) { return r < valid ? k_rows + r * p.k_row_stride : nullptr; }, k_head, head_dim);
-        load_rows_async<Tile, Tile::kBlockN>(
-            v_tile, [&](int r) { return r < valid ? v_rows + r * p.v_row_stride : nullptr; }, v_head, head_dim);
+        const int64_t valid = c.seq.len_k - j0, row0 = c.seq.k_start + j0;
+        load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
+                                 [&](int r) { return r < valid ? row0 + r : int64_t(-1); }, head_dim);
     }
     cp_async_commit();
 }

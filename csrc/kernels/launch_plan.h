@@ -2,7 +2,7 @@
 // device data is read, so a call can be captured in a CUDA graph), and the workspace layout they
 // imply (read by the host to size it and by the kernels to address it).
 //
-// Three decisions, aimed at decoding (few queries, many keys) and sparse key masks:
+// Four decisions, aimed at decoding (few queries, many keys) and sparse key masks:
 //   packed GQA: the P = G query heads that share a KV head become rows of one CTA (row R of a
 //     block is query R / P of head h0 + R % P), so each K/V tile is loaded once for all of them.
 //   split-KV: when the CTAs are fewer than one wave, each (row block, head block) is cut
@@ -12,6 +12,9 @@
 //     of every kGatherChunk-key chunk, and the kernel's key tiles are filled from those lists, so
 //     work and K/V bytes scale with the visible keys. Tile n of a CTA is then "virtual": subtile
 //     n % tiles_per_chunk of chunk n / tiles_per_chunk (empty subtiles are skipped).
+//   key split: a block of at most kKeySplitRows rows (a decode block: G heads x 1-8 queries) is
+//     computed with the warps splitting each key tile instead of its rows (tile_math.cuh), so all
+//     4 warps work.
 #pragma once
 
 #include <stddef.h>
@@ -24,7 +27,9 @@ namespace fdm {
 constexpr int kGatherChunk = 1024;     // keys per compaction chunk (a multiple of every kBlockN)
 constexpr int kMaxSplits = 128;        // split-KV ranges per row block at most
 constexpr int kMinSplitTiles = 8;      // key tiles per range at least (amortizes the partial write)
-constexpr int kWavesWanted = 2;        // a split grid holds about this many waves of CTAs
+constexpr int kWavesUniform = 1;       // a split grid holds about this many waves of CTAs when every
+constexpr int kWavesMixed = 3;         // sequence has max_seqlen_k keys, and this many otherwise
+constexpr int kKeySplitRows = 32;      // rows of a block the key-split layout computes at most
 
 // Kernel argument: how the grid maps onto the problem.
 struct FwdPlan {
@@ -35,6 +40,7 @@ struct FwdPlan {
     int gather;             // 1: key tiles are filled from the gathered key lists
     int tiles_per_chunk;    // kGatherChunk / kBlockN
     int max_chunks;         // ceil(max_seqlen_k / kGatherChunk)
+    int key_split;          // 1: KeySplitMath, 0: RowSplitMath (tile_math.cuh)
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
@@ -54,10 +60,25 @@ inline bool use_gather(const fdm_params &p) {
     return p.max_seqlen_k >= 2 * kGatherChunk;
 }
 
+// Rows of a block: with packed GQA, max_seqlen_q * G; else max_seqlen_q.
+inline int64_t block_rows(const fdm_params &p, int block_m) {
+    return p.max_seqlen_q * (can_pack_gqa(p, block_m) ? p.num_heads / p.num_heads_k : 1);
+}
+
+// The key-split layout when every row block has at most kKeySplitRows rows (decode): RowSplitMath
+// would leave 2-3 of the 4 warps idle. FLASH_DMATTN_KEY_SPLIT overrides it (1 is honoured only
+// for such blocks: the layout holds no more rows).
+inline bool use_key_split(const fdm_params &p, int block_m) {
+    const bool fits = block_rows(p, block_m) <= kKeySplitRows;
+    if (p.force_key_split >= 0) return p.force_key_split != 0 && fits;
+    return fits;
+}
+
 // ctas_per_sm: resident CTAs of this instantiation per SM (tiles.cuh, fwd_ctas_per_sm).
 inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_sms, int ctas_per_sm) {
     FwdPlan plan;
     plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
+    plan.key_split = use_key_split(p, block_m) ? 1 : 0;
     plan.num_m_blocks = static_cast<int>((p.max_seqlen_q * plan.heads_per_cta + block_m - 1) / block_m);
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;
@@ -78,11 +99,14 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
         // Fewer CTAs than one wave: split. The whole grid's key-tile work comes from the host-known
         // total_k (the lengths themselves stay on the device; a paged cache without key-based
         // operands leaves total_k unknown, 0, and its bound B * max_seqlen_k serves): ranges of
-        // about work / (kWavesWanted * slots) tiles keep every SM busy to the end even when the
+        // about work / (waves * slots) tiles keep every SM busy to the end even when the
         // lengths differ widely. (dev/sweep_splits.py measures this choice against fixed ones.)
         const int64_t keys = p.total_k > 0 ? p.total_k : p.batch * p.max_seqlen_k;
         const int64_t work = plan.num_m_blocks * head_blocks * ((keys + block_n - 1) / block_n);
-        int64_t per_split = (work + kWavesWanted * slots - 1) / (kWavesWanted * slots);
+        // Equal lengths (total_k = B * max_seqlen_k) split into equal CTAs: one wave, no tail.
+        // Mixed lengths leave ragged last ranges: more, smaller waves balance them.
+        const int64_t waves = p.total_k == p.batch * p.max_seqlen_k ? kWavesUniform : kWavesMixed;
+        int64_t per_split = (work + waves * slots - 1) / (waves * slots);
         if (per_split < kMinSplitTiles) per_split = kMinSplitTiles;
         splits = (key_tiles + per_split - 1) / per_split;
     }

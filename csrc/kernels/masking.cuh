@@ -16,22 +16,38 @@
 
 namespace fdm {
 
-// SPEC.md: True keeps a score; for non-bool dtypes any nonzero value keeps (+-0 hide, NaN keeps).
-__device__ __forceinline__ bool mask_keeps(const fdm_operand &m, int64_t offset) {
+// Raw bits of one mask or bias element, so a load can stay in flight until the value is used.
+__device__ __forceinline__ uint32_t operand_bits(const fdm_operand &m, int64_t offset) {
     switch (m.dtype) {
-        case FDM_BYTE: return static_cast<const uint8_t *>(m.ptr)[offset] != 0;
+        case FDM_BYTE: return static_cast<const uint8_t *>(m.ptr)[offset];
         case FDM_F16:
-        case FDM_BF16: return (static_cast<const uint16_t *>(m.ptr)[offset] & 0x7fffu) != 0;
-        default: return (static_cast<const uint32_t *>(m.ptr)[offset] & 0x7fffffffu) != 0;
+        case FDM_BF16: return static_cast<const uint16_t *>(m.ptr)[offset];
+        default: return static_cast<const uint32_t *>(m.ptr)[offset];
     }
 }
 
-__device__ __forceinline__ float bias_value(const fdm_operand &b, int64_t offset) {
-    switch (b.dtype) {
-        case FDM_F16: return __half2float(static_cast<const __half *>(b.ptr)[offset]);
-        case FDM_BF16: return __bfloat162float(static_cast<const __nv_bfloat16 *>(b.ptr)[offset]);
-        default: return static_cast<const float *>(b.ptr)[offset];
+// SPEC.md: True keeps a score; for non-bool dtypes any nonzero value keeps (+-0 hide, NaN keeps).
+__device__ __forceinline__ bool mask_keeps_bits(const fdm_operand &m, uint32_t bits) {
+    switch (m.dtype) {
+        case FDM_BYTE: return bits != 0;
+        case FDM_F16:
+        case FDM_BF16: return (bits & 0x7fffu) != 0;
+        default: return (bits & 0x7fffffffu) != 0;
     }
+}
+__device__ __forceinline__ bool mask_keeps(const fdm_operand &m, int64_t offset) {
+    return mask_keeps_bits(m, operand_bits(m, offset));
+}
+
+__device__ __forceinline__ float bias_from_bits(const fdm_operand &b, uint32_t bits) {
+    switch (b.dtype) {
+        case FDM_F16: return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+        case FDM_BF16: return __uint_as_float(bits << 16);
+        default: return __uint_as_float(bits);
+    }
+}
+__device__ __forceinline__ float bias_value(const fdm_operand &b, int64_t offset) {
+    return bias_from_bits(b, operand_bits(b, offset));
 }
 
 // What one CTA knows about its (sequence, head, query block) for masking. Local indices fit in
@@ -66,18 +82,20 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
     return r;
 }
 
-// S (16 x kBlockN per warp, this thread's (kNTiles, 4) part) -> X in the log2 domain:
+// S (16 rows x 8 kNTiles columns of the key tile, from column col_base; this thread's (kNTiles, 4)
+// part) -> X in the log2 domain:
 //   x = scale * s;  x = softcap * tanh(x / softcap);  x += bias;  x = -inf where hidden.
-// Element (t, e) is row gid + 8 * (e / 2), column c = 8 t + 2 tig + e % 2, which holds key
+// Element (t, e) is row gid + 8 * (e / 2) (rows: its facts), column c = col_base + 8 t + 2 tig + e % 2,
+// which holds key
 // j = n * kBlockN + c, or keys[c] on a gathered tile (keys != nullptr; kNoKey past its keys).
 // keep / kbias: the tile's staged key-based mask and bias. Each step is one uniform branch per
 // tile, not per element; limits are tested only on tiles that cross Lk or the diagonal.
 template <class Tile, int kNTiles>
 __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const fdm_params &p, const MaskContext &c,
                                                  const RowInfo &rows, int n, const uint8_t *keep,
-                                                 const float *kbias, const int *keys) {
+                                                 const float *kbias, const int *keys, int col_base) {
     const int j0 = n * Tile::kBlockN;
-    const int col0 = 2 * (threadIdx.x % 4);
+    const int col0 = col_base + 2 * (threadIdx.x % 4);
     const auto key_of = [&](int t, int e) {
         const int col = t * 8 + col0 + e % 2;
         return keys != nullptr ? keys[col] : j0 + col;

@@ -12,6 +12,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "launch_plan.h"
+
 namespace fdm {
 
 // Rows per CTA and keys per K/V tile, also read by the host's launch plan.
@@ -46,6 +48,13 @@ struct FwdTile {
     static constexpr int kKVElems = kBlockN * kRowStride;
     static constexpr int kKeyStageBytes = kBlockN * (8 + 4 + 4 + 1);
     static constexpr int kSmemBytes = 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;
+
+    // The key-split layout (tile_math.cuh) adds its cross-warp exchange after keep_s:
+    //   p_s      (kKeySplitRows, kPStride) T            P of the tile, shared by the warps' P V
+    //   red_s    (kWarps, kKeySplitRows) float          per-warp row maxima, then row sums
+    static constexpr int kPStride = kBlockN + 8;                // +16 bytes: conflict-free like kRowStride
+    static constexpr int kExchangeBytes = 2 * kKeySplitRows * kPStride + 4 * kWarps * kKeySplitRows;
+    static constexpr int smem_bytes(bool key_split) { return kSmemBytes + (key_split ? kExchangeBytes : 0); }
 };
 
 // Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by
@@ -96,10 +105,40 @@ __device__ __forceinline__ void load_rows_async(T *s_tile, const RowPtr &row_ptr
     }
 }
 
+// Copies the K and V rows of one key tile: key column r reads row row_of(r) of k_head / v_head
+// (a row index, -1 to zero-fill). Each thread reads its columns' row indices once, all together,
+// before it issues any copy, and uses each for both K and V.
+template <class Tile, class T, class RowOf>
+__device__ __forceinline__ void load_kv_rows_async(T *k_tile, T *v_tile, const T *k_head, const T *v_head,
+                                                   int64_t k_row_stride, int64_t v_row_stride, const RowOf &row_of,
+                                                   int head_dim) {
+    constexpr int kIters = Tile::kBlockN * Tile::kChunksPerRow / Tile::kThreads;
+    static_assert(kIters * Tile::kThreads == Tile::kBlockN * Tile::kChunksPerRow, "whole chunks per thread");
+    int64_t rows[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) rows[it] = row_of((threadIdx.x + it * Tile::kThreads) / Tile::kChunksPerRow);
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+        const int c = threadIdx.x + it * Tile::kThreads;
+        const int row = c / Tile::kChunksPerRow, col = (c % Tile::kChunksPerRow) * 8;
+        const bool valid = rows[it] >= 0 && col < head_dim;
+        const int64_t r = valid ? rows[it] : 0;
+        const uint32_t dst = row * Tile::kRowStride + col;
+        cp_async_16(smem_addr(k_tile + dst), k_head + r * k_row_stride + (valid ? col : 0), valid);
+        cp_async_16(smem_addr(v_tile + dst), v_head + r * v_row_stride + (valid ? col : 0), valid);
+    }
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"

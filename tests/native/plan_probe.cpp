@@ -1,7 +1,7 @@
 // Prints the CUDA launch plan (launch_plan.h, host-only code) for sizes read from stdin, one line
 // per problem: "B H H_k max_q max_k total_k block_m block_n sms ctas_per_sm mask_layout
 // mask_group_stride force_splits force_gather" -> "heads_per_cta num_m_blocks num_splits
-// tiles_per_split gather workspace_bytes". Used by test_launch_plan.py.
+// tiles_per_split gather workspace_bytes key_split". Used by test_launch_plan.py.
 #include <cstdio>
 
 #include "../../csrc/kernels/launch_plan.h"
@@ -23,6 +23,7 @@ int main() {
         p.total_k = total_k;
         p.force_num_splits = (int)force_splits;
         p.force_gather = (int)force_gather;
+        p.force_key_split = -1;
         static const char mask_byte = 1;
         if (mask_layout >= 0) {
             p.mask.ptr = &mask_byte;
@@ -31,8 +32,8 @@ int main() {
             p.mask.stride_group = mask_group_stride;
         }
         const fdm::FwdPlan plan = fdm::make_plan(p, (int)block_m, (int)block_n, (int)sms, (int)ctas_per_sm);
-        std::printf("%d %d %d %d %d %zu\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
-                    plan.tiles_per_split, plan.gather, fdm::workspace_layout(&p, &plan).total);
+        std::printf("%d %d %d %d %d %zu %d\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
+                    plan.tiles_per_split, plan.gather, fdm::workspace_layout(&p, &plan).total, plan.key_split);
     }
     return 0;
 }

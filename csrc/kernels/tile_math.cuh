@@ -1,0 +1,271 @@
+// tile_math.cuh: the math of one key tile, in the two ways the CTA's 4 warps can share it.
+//
+// For the key tile n (kBlockN keys) staged in shared memory:
+//   S = Q K_n^T                     mma.sync, Q and K from shared memory (ldmatrix)
+//   X = transform(S) * log2 e       scale, softcap, bias, mask, causal, length (masking.cuh)
+//   P = online_softmax(X)           registers (softmax.cuh)
+//   O += P V_n                      mma.sync, V via ldmatrix.trans
+//
+// RowSplitMath (prefill): warp w owns rows [16 w, 16 w + 16) of the block, every key of the tile
+//   and every head-dim column of O; P stays in registers. No warp waits for another.
+// KeySplitMath (decode): warp w owns keys [w kBlockN / 4, (w + 1) kBlockN / 4) of S and head-dim
+//   columns [w D / 4, (w + 1) D / 4) of O, for every row of the block (kKeySplitRows at most).
+//   A decode block has 1-32 rows, which RowSplitMath gives to 1-2 warps: here all 4 work, and each one's chain of MMAs is
+//   2-4x shorter. The price is two barriers per tile: the row maxima (softmax.cuh) and P (kKeySplitRows,
+//   kBlockN) pass through shared memory.
+// Both expose the same interface to fwd_kernel.cuh: step() per tile, finalize() once, then
+// for_each_output() / for_each_lse() to store what this thread holds.
+#pragma once
+
+#include "../fdm_params.h"
+#include "key_tiles.cuh"
+#include "masking.cuh"
+#include "softmax.cuh"
+#include "tiles.cuh"
+
+namespace fdm {
+
+// Shared-memory operands of one step.
+template <class T>
+struct TileOperands {
+    const T *q_s;      // (kBlockM, kRowStride) Q
+    const T *k_tile;   // (kBlockN, kRowStride) K_n
+    const T *v_tile;   // (kBlockN, kRowStride) V_n
+    KeyStage keys;     // the tile's staged per-key data (key_tiles.cuh)
+    bool gathered;     // the tile's columns hold keys.key[c], not n * kBlockN + c
+};
+
+template <class T, class Tile>
+struct RowSplitMath {
+    static constexpr int kBlockN = Tile::kBlockN, kHeadDim = Tile::kHeadDim, kStride = Tile::kRowStride;
+    static constexpr int kNTiles = kBlockN / 8;   // 8-key MMA tiles of S per warp
+    static constexpr int kDTiles = kHeadDim / 8;  // 8-column MMA tiles of O per warp
+
+    float acc_o[kDTiles][4];  // O, rows warp_row0 + (gid, gid + 8), columns 8d + 2tig + {0, 1}
+    OnlineSoftmax<kNTiles, kDTiles> softmax;
+    RowInfo rows;
+    int warp_row0;        // first row of this warp inside the block
+    bool warp_has_rows;   // else it only helps with loads
+    float lse[2];
+
+    __device__ __forceinline__ RowSplitMath(const MaskContext &ctx, int valid_rows, unsigned char *) {
+        warp_row0 = (threadIdx.x / 32) * 16;
+        warp_has_rows = warp_row0 < valid_rows;
+        rows = make_row_info(ctx, warp_row0 + (threadIdx.x % 32) / 4);
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
+    }
+
+    __device__ __forceinline__ void step(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx, int n) {
+        if (!warp_has_rows) return;
+        const int lane = threadIdx.x % 32, mi = lane / 8;
+
+        // S = Q K^T: (16, kBlockN) per warp.
+        float s[kNTiles][4];
+#pragma unroll
+        for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+            uint32_t a[4];
+            ldmatrix_x4(a, smem_addr(op.q_s + (warp_row0 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
+#pragma unroll
+            for (int nn = 0; nn < kBlockN / 16; ++nn) {
+                uint32_t bk[4];
+                ldmatrix_x4(bk, smem_addr(op.k_tile + (nn * 16 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 +
+                                          (mi % 2) * 8));
+                mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
+                mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
+            }
+        }
+
+        // X = transform(S) in the log2 domain, then P.
+        transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
+                                        op.gathered ? op.keys.key : nullptr, 0);
+        softmax.update(s, acc_o);
+
+        // O += P V: P (16, kBlockN) as A fragments straight from the S accumulators.
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            uint32_t a[4];
+            a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dd = 0; dd < kHeadDim / 16; ++dd) {
+                uint32_t bv[4];
+                ldmatrix_x4_trans(bv, smem_addr(op.v_tile + (kk * 16 + lane % 8 + (mi % 2) * 8) * kStride + dd * 16 +
+                                                (mi / 2) * 8));
+                mma_16816<T>(acc_o[2 * dd], a, bv[0], bv[1]);
+                mma_16816<T>(acc_o[2 * dd + 1], a, bv[2], bv[3]);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void finalize() { softmax.finalize(acc_o, lse); }
+
+    // f(row, col, o[row][col], o[row][col + 1]) for every pair of O this thread holds.
+    template <class F>
+    __device__ __forceinline__ void for_each_output(const F &f) const {
+        const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d) f(warp_row0 + gid + 8 * r, d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+    }
+    // f(row, lse[row]), once per row.
+    template <class F>
+    __device__ __forceinline__ void for_each_lse(const F &f) const {
+        if (threadIdx.x % 4 != 0) return;
+        const int gid = (threadIdx.x % 32) / 4;
+        f(warp_row0 + gid, lse[0]);
+        f(warp_row0 + gid + 8, lse[1]);
+    }
+};
+
+template <class T, class Tile>
+struct KeySplitMath {
+    static constexpr int kWarps = Tile::kWarps;
+    static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kHeadDim = Tile::kHeadDim;
+    static constexpr int kStride = Tile::kRowStride, kPStride = Tile::kPStride;
+    static constexpr int kMTiles = kKeySplitRows / 16;    // 16-row MMA tiles of the block (at most)
+    static constexpr int kWarpKeys = kBlockN / kWarps;    // S columns per warp: 16 or 8
+    static constexpr int kNTiles = kWarpKeys / 8;         // 8-key MMA tiles of S per warp
+    static constexpr int kWarpCols = kHeadDim / kWarps;   // O columns per warp: D / 4
+    static constexpr int kDTiles = kWarpCols / 8;         // 8-column MMA tiles of O per warp
+    static_assert(kNTiles >= 1 && kNTiles <= 2 && kWarpCols % 8 == 0, "key-split tile shapes");
+
+    float acc_o[kMTiles][kDTiles][4];  // O, rows 16 mt + (gid, gid + 8), columns col0 + 8d + 2tig + {0, 1}
+    static_assert(kMTiles * 16 <= kBlockM, "the block's Q tile holds every row");
+    KeySplitSoftmax<kMTiles, kNTiles, kDTiles, kWarps> softmax;
+    RowInfo rows[kMTiles];
+    int m_tiles;   // row tiles in use: ceil(valid_rows / 16), the same in every warp
+    int key0;      // first S column of this warp
+    int col0;      // first O column of this warp
+    T *p_s;        // (kKeySplitRows, kPStride) P, shared
+    float *red_s;  // (kWarps, kKeySplitRows) row maxima / sums, shared
+    float lse[kMTiles][2];
+
+    __device__ __forceinline__ KeySplitMath(const MaskContext &ctx, int valid_rows, unsigned char *exchange) {
+        const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4;
+        m_tiles = (valid_rows + 15) / 16;
+        key0 = warp * kWarpKeys;
+        col0 = warp * kWarpCols;
+        p_s = reinterpret_cast<T *>(exchange);
+        red_s = reinterpret_cast<float *>(p_s + kKeySplitRows * kPStride);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+            rows[mt] = make_row_info(ctx, 16 * mt + gid);
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d) acc_o[mt][d][0] = acc_o[mt][d][1] = acc_o[mt][d][2] = acc_o[mt][d][3] = 0.f;
+        }
+    }
+
+    // Every thread of the CTA calls it (two barriers inside).
+    __device__ __forceinline__ void step(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx, int n) {
+        const int lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+
+        // S = Q K^T: (16 m_tiles, kWarpKeys) per warp, K fragments shared by the row tiles.
+        float s[kMTiles][kNTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int t = 0; t < kNTiles; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+            uint32_t b[kNTiles][2];
+            if constexpr (kNTiles == 2) {
+                const int mi = lane / 8;
+                uint32_t bk[4];
+                ldmatrix_x4(bk, smem_addr(op.k_tile + (key0 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 + (mi % 2) * 8));
+                b[0][0] = bk[0], b[0][1] = bk[1], b[1][0] = bk[2], b[1][1] = bk[3];
+            } else {
+                ldmatrix_x2(b[0], smem_addr(op.k_tile + (key0 + lane % 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8));
+            }
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                if (mt >= m_tiles) break;
+                uint32_t a[4];
+                ldmatrix_x4(a, smem_addr(op.q_s + (16 * mt + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
+#pragma unroll
+                for (int t = 0; t < kNTiles; ++t) mma_16816<T>(s[mt][t], a, b[t][0], b[t][1]);
+            }
+        }
+
+        // X = transform(S), then P of this warp's columns, written to p_s for every warp's P V.
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+            if (mt >= m_tiles) break;
+            transform_scores<Tile, kNTiles>(s[mt], p, ctx, rows[mt], n, op.keys.keep, op.keys.bias,
+                                            op.gathered ? op.keys.key : nullptr, key0);
+        }
+        softmax.update(s, acc_o, m_tiles, red_s);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+            if (mt >= m_tiles) break;
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int t = 0; t < kNTiles; ++t)
+                    *reinterpret_cast<uint32_t *>(p_s + (16 * mt + gid + 8 * r) * kPStride + key0 + 8 * t + 2 * tig) =
+                        pack2<T>(s[mt][t][2 * r], s[mt][t][2 * r + 1]);
+        }
+        __syncthreads();
+
+        // O[:, col0 : col0 + kWarpCols] += P V[:, col0 : col0 + kWarpCols].
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            uint32_t b[kDTiles][2];
+#pragma unroll
+            for (int dd = 0; dd + 1 < kDTiles; dd += 2) {
+                const int mi = lane / 8;
+                uint32_t bv[4];
+                ldmatrix_x4_trans(bv, smem_addr(op.v_tile + (kk * 16 + lane % 8 + (mi % 2) * 8) * kStride + col0 + dd * 8 +
+                                                (mi / 2) * 8));
+                b[dd][0] = bv[0], b[dd][1] = bv[1], b[dd + 1][0] = bv[2], b[dd + 1][1] = bv[3];
+            }
+            if constexpr (kDTiles % 2 == 1) {
+                ldmatrix_x2_trans(b[kDTiles - 1], smem_addr(op.v_tile + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kStride +
+                                                            col0 + (kDTiles - 1) * 8));
+            }
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                if (mt >= m_tiles) break;
+                uint32_t a[4];
+                ldmatrix_x4(a, smem_addr(p_s + (16 * mt + lane % 16) * kPStride + kk * 16 + (lane / 16) * 8));
+#pragma unroll
+                for (int d = 0; d < kDTiles; ++d) mma_16816<T>(acc_o[mt][d], a, b[d][0], b[d][1]);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void finalize() { softmax.finalize(acc_o, lse, m_tiles, red_s); }
+
+    template <class F>
+    __device__ __forceinline__ void for_each_output(const F &f) const {
+        const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+            if (mt >= m_tiles) break;
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int d = 0; d < kDTiles; ++d)
+                    f(16 * mt + gid + 8 * r, col0 + d * 8 + 2 * tig, acc_o[mt][d][2 * r], acc_o[mt][d][2 * r + 1]);
+        }
+    }
+    // Every warp holds the same lse: warp 0 stores it.
+    template <class F>
+    __device__ __forceinline__ void for_each_lse(const F &f) const {
+        if (threadIdx.x >= 32 || threadIdx.x % 4 != 0) return;
+        const int gid = threadIdx.x / 4;
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+            if (mt >= m_tiles) break;
+            f(16 * mt + gid, lse[mt][0]);
+            f(16 * mt + gid + 8, lse[mt][1]);
+        }
+    }
+};
+
+}  // namespace fdm
