@@ -67,13 +67,14 @@ __device__ __forceinline__ int skip_empty_subtiles(const FwdPlan &plan, const Ga
 }
 
 // What thread tid < kBlockN stages for column tid of a tile, read from global memory. Fetched one
-// tile ahead (prepare_key_tile), so its loads are in flight while the current tile is computed.
+// tile ahead (prepare_key_tile), so its loads are in flight while the current tile is computed;
+// mask and bias stay the stored bits until they are staged, so nothing waits on them before.
 struct KeyColumn {
     int n;               // the tile it belongs to; -1: nothing fetched
     int key;             // local key index j, kNoKey past the tile's keys
     int64_t row;         // K/V row of j (-1: none; only paged or gathered tiles need it)
-    uint32_t bias_bits;  // key-based bias of j, raw (0 without one): converted when staged, so
-    uint32_t keep_bits;  // key-based mask of j, raw (1 when there is none to read)      the loads stay in flight
+    uint32_t bias_bits;  // key-based bias of j as stored (0 without one)
+    uint32_t keep_bits;  // key-based mask of j as stored (1 when there is none to read)
 };
 
 template <class Tile>
