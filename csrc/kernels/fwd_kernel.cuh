@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     fetched_ahead.n = -1;
     auto next_visible = [&](int n, int stage) {
         while (true) {
-            if (plan.gather) n = skip_empty_subtiles<Tile>(plan, gathered, n, n_stop);
+            if (plan.gather) n = skip_empty_subtiles<Tile>(gathered, n, n_stop);
             if (n >= n_stop || prepare_key_tile<Tile>(p, plan, ctx, gathered, n, n_stop, key_stage(stage), fetched_ahead))
                 return n;
             ++n;

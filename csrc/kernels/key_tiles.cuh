@@ -57,7 +57,7 @@ struct GatheredKeys {
 // First tile at or after n that may hold a key of a gathered list: subtiles past their chunk's
 // count are empty and skipped without a barrier (every thread reads the same count).
 template <class Tile>
-__device__ __forceinline__ int skip_empty_subtiles(const FwdPlan &plan, const GatheredKeys &g, int n, int n_stop) {
+__device__ __forceinline__ int skip_empty_subtiles(const GatheredKeys &g, int n, int n_stop) {
     while (n < n_stop) {
         const int chunk = n / kTilesPerChunk<Tile>, t = n % kTilesPerChunk<Tile>;
         if (t * Tile::kBlockN < g.counts[chunk]) break;

@@ -79,7 +79,7 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     FwdPlan plan;
     plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
     plan.key_split = use_key_split(p, block_m) ? 1 : 0;
-    plan.num_m_blocks = static_cast<int>((p.max_seqlen_q * plan.heads_per_cta + block_m - 1) / block_m);
+    plan.num_m_blocks = static_cast<int>((block_rows(p, block_m) + block_m - 1) / block_m);
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;
     plan.max_chunks = static_cast<int>((p.max_seqlen_k + kGatherChunk - 1) / kGatherChunk);
