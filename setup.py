@@ -32,7 +32,8 @@ def extension():
     if not want_cuda():
         return cpp_extension.CppExtension("flash_dmattn._C", sources, extra_compile_args={"cxx": cxx_flags})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    sources += ["csrc/kernels/fdm_launch.cu", "csrc/kernels/combine.cu", "csrc/kernels/key_gather.cu"]
+    sources += ["csrc/kernels/fdm_launch.cu", "csrc/kernels/combine.cu", "csrc/kernels/key_gather.cu",
+                "csrc/kernels/tile_visibility.cu"]
     sources += sorted(glob.glob("csrc/kernels/instantiations/*.cu", root_dir=HERE))
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",

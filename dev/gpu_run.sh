@@ -7,6 +7,7 @@
 #   SKIP_BENCH=1 bash dev/gpu_run.sh
 #   PYTEST_ARGS="-k cuda tests" SKIP_SANITIZER=1 FDM_ARCH_LIST=9.0 bash dev/gpu_run.sh
 #   BENCH_SUITES="decode prefill" BENCH_ARGS="--quick --no-probe" bash dev/gpu_run.sh
+#   NCU_CASES="decode-a decode-c" SKIP_BENCH=1 PYTEST_ARGS=--co bash dev/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fdm_out}
@@ -55,6 +56,20 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         summary+=("benchmark  $suite: exit $? (table in bench.md)")
     done
     grep -E '^(\||\*\*)' "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+fi
+
+# 5. Nsight Compute speed-of-light of every kernel of one checked call per case of NCU_CASES
+#    (dev/profile_case.py; the reference's kernels are not ours, so the name filter skips them).
+if [ -n "${NCU_CASES:-}" ]; then
+    for case in $NCU_CASES; do
+        echo "### $case" >>"$OUT/ncu.txt"
+        ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
+            -k 'regex:^(fwd_kernel|gather_keys_kernel|combine_kernel|tile_visibility_kernel)' --launch-count 3 \
+            python3 dev/profile_case.py "$case" --calls 1 >>"$OUT/ncu.txt" 2>&1
+        summary+=("ncu        $case: exit $?")
+    done
+    grep -E '^### |^  [^ ].*\(fdm_params|Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy|^ +Grid Size' \
+        "$OUT/ncu.txt" | cut -c1-110
 fi
 
 echo

@@ -20,14 +20,17 @@ from conftest import (
     LSE_FLOOR,
     OUT_FLOOR,
     Batch,
+    _fill_query_padding,
     capture_cuda_graph,
     check_against_reference,
     cu_seqlens,
     device_dtype_params,
+    keep_to_mask,
     make_batch,
     make_bias,
     make_mask,
     make_operand,
+    operand_shape,
     requires_cuda,
     run_and_check,
     run_flash,
@@ -397,3 +400,40 @@ def test_warp_layouts(monkeypatch, device, dtype, head_dim, heads, key_split):
         batch = make_batch(DECODE_SEQLENS[device], num_heads, num_heads_k, head_dim, dtype, device)
         out, lse = run_and_check(batch, is_causal=i % 2 == 1, **make_operands(batch, operands))
         assert_empty_key_sequences_hidden(batch, out, lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Query-based masks: the up-front tile test (csrc/kernels/tile_visibility.cu)
+# ----------------------------------------------------------------------------------------------
+
+def block_sparse_query_mask(batch, heads, density, dtype, extra_cols, rows=48, cols=80):
+    """(total_q, h', max_seqlen_k + extra_cols): per sequence, blocks of rows x cols (query, key) pairs,
+    each all kept with probability `density`, else all hidden; blocks not aligned to the kernel's
+    64-key tiles, so a tile is often partly visible. Columns past a sequence's keys are True."""
+    keep = torch.zeros(operand_shape(batch, "query", heads, extra_cols), dtype=torch.bool, device=batch.q.device)
+    for b, (lq, lk) in enumerate(batch.seqlens):
+        if lq == 0 or lk == 0:
+            continue
+        q0 = batch.cu_seqlens_q[b].item()
+        blocks = torch.rand(keep.shape[1], -(-lq // rows), -(-lk // cols), device=keep.device) < density
+        full = blocks.repeat_interleave(rows, dim=1).repeat_interleave(cols, dim=2)[:, :lq, :lk]
+        keep[q0:q0 + lq, :, :lk] = full.permute(1, 0, 2)
+    return keep_to_mask(_fill_query_padding(keep, batch, True), dtype)
+
+
+@CAUSAL
+@pytest.mark.parametrize("rows", ["aligned", "misaligned"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.float16], ids=["bool", "uint8", "fp16"])
+@SHAPE
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_query_mask_tile_skip(device, dtype, shape, mask_dtype, rows, causal):
+    """Block-sparse query-based masks (10% of 48 x 80 blocks kept; per KV head and per query head):
+    the tiles skipped by the up-front test hold no visible pair, or the output would differ from
+    the reference (which also holds rows whose blocks are all hidden to out = 0, lse = -inf).
+    "aligned" pads the mask rows to a multiple of 16 bytes, so the tile test reads a byte mask 16
+    keys at a time; "misaligned" adds 3 more columns, so it reads key by key."""
+    for heads in ("H_k", "H"):
+        batch = make_batch(seqlens_for(shape, device), 8, 2, 64, dtype, device)
+        extra_cols = -batch.max_seqlen_k % 16 + (3 if rows == "misaligned" else 0)
+        mask = block_sparse_query_mask(batch, heads, 0.1, mask_dtype, extra_cols)
+        run_and_check(batch, attn_mask=mask, is_causal=causal)

@@ -74,14 +74,18 @@ def check_plan(problem, plan):
         tiny = ctas * key_tiles <= sms * ctas_per_sm       # one key tile per CTA, still one wave
         assert tiles_per_split == 1 if tiny else tiles_per_split >= 4
 
-    # Workspace: partial outputs and lse with split-KV, then the gathered lists and counts.
+    # Workspace: partial outputs and lse with split-KV, then the gathered lists and counts, then a
+    # query-based mask's tile bits (one 32-bit word per 32 key tiles of each row block and mask head).
     expect = 0
     if num_splits > 1:
         rows = num_splits * (b * max_q) * h
         expect += align16(rows * D * 4) + align16(rows * 4)
+    mask_heads = hk * (group if mask_group_stride else 1)
     if gather:
-        heads = hk * (group if mask_group_stride else 1)
-        expect += align16(heads * total_k * 4) + align16(heads * b * math.ceil(max_k / CHUNK) * 4)
+        expect += align16(mask_heads * total_k * 4) + align16(mask_heads * b * math.ceil(max_k / CHUNK) * 4)
+    if mask_layout == MASK_QUERY and max_k > 0:
+        words = math.ceil(math.ceil(max_k / block_n) / 32)
+        expect += align16(mask_heads * b * num_m_blocks * words * 4)
     assert workspace == expect
 
 

@@ -17,6 +17,7 @@ constexpr int kCombineWarps = 4;  // one warp per (query row, head)
 template <class T>
 __global__ void __launch_bounds__(32 * kCombineWarps)
     combine_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan) {
+    __shared__ float weight_s[kCombineWarps][kMaxSplits];  // exp(lse_s - lse) of each warp's pair
     const int num_splits = plan.num_splits;
     const int64_t pair = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
     if (pair >= p.total_q * p.num_heads) return;
@@ -37,20 +38,28 @@ __global__ void __launch_bounds__(32 * kCombineWarps)
         for (int s = lane; s < num_splits; s += 32) sum += expf(lse_of(s) - m);
     for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     const float lse = sum > 0.f ? m + logf(sum) : -INFINITY;
+    float *weight = weight_s[threadIdx.x / 32];
+    for (int s = lane; s < num_splits; s += 32) weight[s] = lse != -INFINITY ? expf(lse_of(s) - lse) : 0.f;
+    __syncwarp();
 
+    // out[col .. col + 3] = sum_s weight[s] O_s[col .. col + 3]: 4 columns per lane (D is a multiple
+    // of 8), the loads of 8 splits in flight at a time.
     T *out_row = static_cast<T *>(p.out) + q_row * p.out_row_stride + h * p.out_head_stride;
-    for (int64_t col = 2 * lane; col < head_dim; col += 64) {
-        float2 acc = make_float2(0.f, 0.f);
-        if (lse != -INFINITY) {
-            for (int s = 0; s < num_splits; ++s) {
-                const float w = expf(lse_of(s) - lse);  // 0 for a range that saw no key
-                const float2 o = *reinterpret_cast<const float2 *>(
-                    o_partial + ((s * p.total_q + q_row) * p.num_heads + h) * head_dim + col);
-                acc.x += w * o.x;
-                acc.y += w * o.y;
-            }
+    const float *o_pair = o_partial + (q_row * p.num_heads + h) * head_dim;  // split s at + s * split_step
+    const int64_t split_step = p.total_q * p.num_heads * head_dim;
+    for (int64_t col = 4 * lane; col < head_dim; col += 128) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int s = 0; s < num_splits; ++s) {
+            const float ws = weight[s];  // 0 for a range that saw no key
+            const float4 o = *reinterpret_cast<const float4 *>(o_pair + s * split_step + col);
+            acc.x += ws * o.x;
+            acc.y += ws * o.y;
+            acc.z += ws * o.z;
+            acc.w += ws * o.w;
         }
         *reinterpret_cast<uint32_t *>(out_row + col) = pack2<T>(acc.x, acc.y);
+        *reinterpret_cast<uint32_t *>(out_row + col + 2) = pack2<T>(acc.z, acc.w);
     }
     if (lane == 0) p.lse[h * p.lse_head_stride + q_row] = lse;
 }

@@ -1,7 +1,7 @@
 // fdm_launch.cu: the plain-C entry points of the CUDA forward. Plans the launch (launch_plan.h),
 // picks the instantiation (dtype x tile head dim: the head dim rounded up to 32, 64, 96, 128, 192
-// or 256), launches it: first the key compaction when gathering, then the forward, then with
-// split-KV the combine kernel.
+// or 256, x warp layout), launches it: first the key compaction when gathering or the tile test of
+// a query-based mask, then the forward, then with split-KV the combine kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -47,9 +47,13 @@ int run_layout(const fdm_params &p, const fdm::FwdPlan &plan, cudaStream_t strea
 template <class T>
 int forward(const fdm_params &p, cudaStream_t stream) {
     const fdm::FwdPlan plan = plan_for(p);
-    if ((plan.num_splits > 1 || plan.gather) && p.workspace == nullptr) return FDM_ERR_WORKSPACE;
+    if ((plan.num_splits > 1 || plan.gather || plan.tile_bitmap) && p.workspace == nullptr) return FDM_ERR_WORKSPACE;
     if (plan.gather) {
         const int st = fdm::run_gather_keys(p, plan, stream);
+        if (st != FDM_OK) return st;
+    }
+    if (plan.tile_bitmap) {
+        const int st = fdm::run_tile_visibility(p, plan, stream);
         if (st != FDM_OK) return st;
     }
     int status = FDM_ERR_HEAD_DIM;

@@ -7,8 +7,9 @@
 // RowSplitMath or KeySplitMath, the plan's choice) computes S = Q K_n^T, the masked online softmax
 // and O += P V_n.
 // K/V tiles are double-buffered with cp.async: tile n+1 is in flight while tile n is computed.
-// Key tiles whose mask hides every pair are never loaded, and with gathered keys a tile holds
-// only visible keys (key_tiles.cuh). With split-KV the CTA writes its normalized partial O and lse
+// Key tiles whose mask hides every pair are never loaded (a query-based mask's tiles are tested
+// up front by tile_visibility.cu), and with gathered keys a tile holds only visible keys
+// (key_tiles.cuh). With split-KV the CTA writes its normalized partial O and lse
 // to the workspace for the combine kernel.
 #pragma once
 
@@ -67,6 +68,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     const int n_begin = split * plan.tiles_per_split;
     const int n_stop = static_cast<int>(min_i64(num_n_tiles, n_begin + plan.tiles_per_split));
     const GatheredKeys gathered = plan.gather ? GatheredKeys::of(p, plan, ctx) : GatheredKeys{nullptr, nullptr};
+    const TileBitmap bitmap = plan.tile_bitmap ? TileBitmap::of(p, plan, ctx, m_block) : TileBitmap{nullptr, 0, 0};
 
     extern __shared__ __align__(16) unsigned char smem[];
     T *q_s = reinterpret_cast<T *>(smem);                                 // (kBlockM, kStride)
@@ -100,6 +102,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     auto next_visible = [&](int n, int stage) {
         while (true) {
             if (plan.gather) n = skip_empty_subtiles<Tile>(gathered, n, n_stop);
+            if (plan.tile_bitmap) n = bitmap.next(n, n_stop);
             if (n >= n_stop || prepare_key_tile<Tile>(p, plan, ctx, gathered, n, n_stop, key_stage(stage), fetched_ahead))
                 return n;
             ++n;

@@ -11,8 +11,9 @@
 //   key[c]  = j, or kNoKey past the keys (read by the scores only on gathered tiles)
 //   bias[c] = key-based bias of key j (0 past the keys)
 //   keep[c] = key-based mask of key j (contiguous tiles only; gathered keys are all kept)
-// and tells whether the tile holds any visible (query, key) pair: tiles that do not are skipped
-// before any K/V byte is loaded.
+// and, under a key-based mask, tells whether the tile holds any visible (query, key) pair: tiles
+// that do not are skipped before any K/V byte is loaded. Under a query-based mask the tiles were
+// tested up front (tile_visibility.cu), and TileBitmap skips the hidden ones before this.
 #pragma once
 
 #include <stdint.h>
@@ -106,33 +107,42 @@ __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const
     return col;
 }
 
-// Whether the tile's (kBlockM, kBlockN) block of a query-based mask keeps any (row, key) pair
-// within the lengths and the causal limit. Every thread tests kElems consecutive keys of one row,
-// all loads issued together; the CTA ORs the answers.
-template <class Tile>
-__device__ __forceinline__ bool query_mask_block_any(const fdm_params &p, const MaskContext &c, int n) {
-    constexpr int kElems = Tile::kBlockM * Tile::kBlockN / Tile::kThreads;  // 32 or 16
-    constexpr int kThreadsPerRow = Tile::kBlockN / kElems;
-    const int row = threadIdx.x / kThreadsPerRow;
-    const int j_first = n * Tile::kBlockN + (threadIdx.x % kThreadsPerRow) * kElems;
-    const int packed = c.m0 + row;
-    const int i = packed / c.heads_per_cta, g = static_cast<int>(c.g) + packed % c.heads_per_cta;
-    if (i >= c.seq.len_q) return false;
-    const int64_t last = min_i64(c.seq.len_k - 1, c.is_causal ? fdm_causal_last_key(&c.seq, i) : c.seq.len_k - 1);
-    const int64_t row_off = fdm_operand_offset(&p.mask, &c.seq, c.hk, g, i, 0);
-    bool any = false;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-        const int j = j_first + e;
-        any |= j <= last && mask_keeps(p.mask, row_off + int64_t(j) * p.mask.stride_k);
-    }
-    return any;
-}
+// The tile bits of one CTA's row block under a query-based mask (tile_visibility.cu): tile n may
+// hold a visible pair iff bit n is set in the words of any mask head the block's rows use.
+struct TileBitmap {
+    const uint32_t *words;  // (bitmap_words,) of the block's first mask head
+    int64_t head_step;      // words between the block's words of consecutive mask heads
+    int heads;              // mask heads to OR: P with packed GQA over a mask that differs per head, else 1
 
-// Stages tile n (see the top of the file) into `st` and tells whether it holds a visible pair; the
-// same answer in every thread. `next` carries the columns fetched ahead: used when they are tile
+    __device__ static TileBitmap of(const fdm_params &p, const FwdPlan &plan, const MaskContext &c, int m_block) {
+        const WorkspaceLayout w = workspace_layout(&p, &plan);
+        const uint32_t *base = reinterpret_cast<const uint32_t *>(static_cast<const unsigned char *>(p.workspace) +
+                                                                  w.tile_bits);
+        const int64_t head = gather_list_head(&p, c.hk, c.g);
+        TileBitmap t;
+        t.head_step = p.batch * plan.num_m_blocks * plan.bitmap_words;
+        t.words = base + head * t.head_step + (c.seq.b * plan.num_m_blocks + m_block) * plan.bitmap_words;
+        t.heads = gather_group_heads(&p) > 1 ? c.heads_per_cta : 1;
+        return t;
+    }
+
+    // The first tile in [n, n_stop) whose bit is set, n_stop when none; the same in every thread.
+    __device__ __forceinline__ int next(int n, int n_stop) const {
+        while (n < n_stop) {
+            uint32_t word = 0;
+            for (int h = 0; h < heads; ++h) word |= words[h * head_step + n / 32];
+            word >>= n % 32;
+            if (word != 0) return min(n + __ffs(word) - 1, n_stop);
+            n = (n / 32 + 1) * 32;
+        }
+        return n_stop;
+    }
+};
+
+// Stages tile n (see the top of the file) into `st` and tells whether it holds a visible pair (a
+// key-based mask's test; true otherwise), the same answer in every thread. `next` carries the columns fetched ahead: used when they are tile
 // n's, then refilled with tile n + 1's (when n + 1 < n_stop). Ends with a CTA barrier whenever
-// the K/V loader or the visibility test reads what other threads staged.
+// the K/V loader or the key-mask test reads what other threads staged.
 template <class Tile>
 __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const MaskContext &c,
                                  const GatheredKeys &gathered, int n, int n_stop, KeyStage st, KeyColumn &next) {
@@ -151,11 +161,10 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
         next.n = -1;
         if (n + 1 < n_stop) next = fetch_key_column<Tile>(p, plan, c, gathered, n + 1);
     }
-    if (p.mask.ptr == nullptr) {
+    if (!key_mask) {  // no mask, or a query-based one whose tiles TileBitmap already chose
         if (p.block_table != nullptr) __syncthreads();
         return true;
     }
-    if (!key_mask) any = query_mask_block_any<Tile>(p, c, n);
     return __syncthreads_or(any) != 0;
 }
 

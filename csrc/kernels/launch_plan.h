@@ -41,6 +41,9 @@ struct FwdPlan {
     int tiles_per_chunk;    // kGatherChunk / kBlockN
     int max_chunks;         // ceil(max_seqlen_k / kGatherChunk)
     int key_split;          // 1: KeySplitMath, 0: RowSplitMath (tile_math.cuh)
+    int tile_bitmap;        // 1: a query-based mask's key tiles are tested up front (tile_visibility.cu)
+    int block_n;            // keys per key tile (kBlockN of the instantiation)
+    int bitmap_words;       // 32-bit words of tile bits per row block: ceil(key tiles / 32)
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
@@ -79,6 +82,9 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     FwdPlan plan;
     plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
     plan.key_split = use_key_split(p, block_m) ? 1 : 0;
+    plan.block_n = block_n;
+    plan.tile_bitmap = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY && p.max_seqlen_k > 0 ? 1 : 0;
+    plan.bitmap_words = static_cast<int>(((p.max_seqlen_k + block_n - 1) / block_n + 31) / 32);
     plan.num_m_blocks = static_cast<int>((block_rows(p, block_m) + block_m - 1) / block_m);
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;
@@ -121,7 +127,7 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     return plan;
 }
 
-// Gathered key lists are kept per distinct mask head: h' = H gives one list per query head,
+// Gathered key lists and tile bitmaps are kept per distinct mask head: h' = H gives one list per query head,
 // h' = H_k one per KV head, h' = 1 one in all (the mask's zero strides say which).
 FDM_HOST_DEVICE int64_t gather_kv_heads(const fdm_params *p) { return p->mask.stride_kv_head != 0 ? p->num_heads_k : 1; }
 FDM_HOST_DEVICE int64_t gather_group_heads(const fdm_params *p) {
@@ -138,8 +144,11 @@ FDM_HOST_DEVICE int64_t gather_list_head(const fdm_params *p, int64_t hk, int64_
 //                                                     of each chunk, ascending, from the chunk's
 //                                                     first row (k_start + chunk * kGatherChunk)
 //   counts      (list heads, B, max_chunks) int32     visible keys per chunk
+//   tile_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
+//                                                     query-based mask: bit n of a row block's words
+//                                                     = key tile n holds a visible pair of its rows
 struct WorkspaceLayout {
-    size_t o_partial, lse_partial, keys, counts, total;
+    size_t o_partial, lse_partial, keys, counts, tile_bits, total;
 };
 
 FDM_HOST_DEVICE size_t align16(size_t n) { return (n + 15) / 16 * 16; }
@@ -157,6 +166,9 @@ FDM_HOST_DEVICE WorkspaceLayout workspace_layout(const fdm_params *p, const FwdP
     at += align16(list_heads * p->total_k * sizeof(int32_t));
     w.counts = at;
     at += align16(list_heads * p->batch * plan->max_chunks * sizeof(int32_t));
+    const size_t bitmap_heads = plan->tile_bitmap ? static_cast<size_t>(gather_kv_heads(p) * gather_group_heads(p)) : 0;
+    w.tile_bits = at;
+    at += align16(bitmap_heads * p->batch * plan->num_m_blocks * plan->bitmap_words * sizeof(uint32_t));
     w.total = at;
     return w;
 }

@@ -1,0 +1,112 @@
+// tile_visibility.cu: the tile test of a query-based mask, done up front for every key tile
+// (launch_plan.h, plan.tile_bitmap). Key tile n of a row block is visible when some row of the
+// block and key j of the tile have j < Lk, j <= the row's causal limit and a mask that keeps
+// (query, j). One warp per (mask head, sequence b, row block, word of 32 key tiles) tests its 32
+// tiles and writes bit n % 32 of word n / 32:
+//   tile_bits[head, b, m_block, word]
+// The forward kernel then moves from visible tile to visible tile with one uniform word read per
+// 32 tiles (key_tiles.cuh, TileBitmap) instead of a mask round trip and a barrier per tile.
+//
+// A row block with packed GQA holds queries m0 / P .. (m0 + kBlockM - 1) / P of P heads; the word
+// of one mask head tests all of those queries, so a block's word may keep a tile only its other
+// heads need: the kernel then computes a tile that is hidden for some of its rows, never misses one.
+#include <stdint.h>
+
+#include "fwd_launch.h"
+#include "masking.cuh"
+#include "tiles.cuh"
+
+namespace fdm {
+
+constexpr int kBitmapWarps = 4;  // warps (words) per CTA
+
+// Whether mask row `row_off` (element offset of key 0) keeps any key j in [j0, j_end). Byte masks
+// with unit key stride are read 16 keys at a time where the 16 bytes are aligned and inside the
+// row (max_seqlen_k keys); everything else one element at a time.
+__device__ __forceinline__ bool row_keeps_any(const fdm_operand &m, int64_t row_off, int j0, int j_end,
+                                              int64_t max_k) {
+    bool any = false;
+    if (m.dtype == FDM_BYTE && m.stride_k == 1) {
+        const uint8_t *row = static_cast<const uint8_t *>(m.ptr) + row_off;
+        for (int j = j0; j < j_end; j += 16) {
+            const int valid = min(16, j_end - j);  // bytes of this group inside [j0, j_end)
+            if ((reinterpret_cast<uintptr_t>(row + j) & 15) == 0 && j + 16 <= max_k) {
+                const uint4 v = *reinterpret_cast<const uint4 *>(row + j);
+                const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int bytes = min(4, max(0, valid - 4 * k));  // of word k that are in range
+                    const uint32_t keep = bytes == 4 ? 0xffffffffu : (1u << (8 * bytes)) - 1u;
+                    any |= (w[k] & keep) != 0;
+                }
+            } else {
+                for (int e = 0; e < valid; ++e) any |= row[j + e] != 0;
+            }
+        }
+        return any;
+    }
+    for (int j = j0; j < j_end; ++j) any |= mask_keeps(m, row_off + int64_t(j) * m.stride_k);
+    return any;
+}
+
+__global__ void __launch_bounds__(32 * kBitmapWarps)
+    tile_visibility_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, uint32_t *tile_bits) {
+    const int lane = threadIdx.x % 32;
+    int64_t idx = static_cast<int64_t>(blockIdx.x) * kBitmapWarps + threadIdx.x / 32;
+    const int64_t total = gather_kv_heads(&p) * gather_group_heads(&p) * p.batch * plan.num_m_blocks * plan.bitmap_words;
+    if (idx >= total) return;
+    const int64_t out_index = idx;
+    const int word = static_cast<int>(idx % plan.bitmap_words);
+    idx /= plan.bitmap_words;
+    const int m_block = static_cast<int>(idx % plan.num_m_blocks);
+    idx /= plan.num_m_blocks;
+    const int64_t b = idx % p.batch, head = idx / p.batch;
+    // A representative (KV head, group index) of the mask head (launch_plan.h, gather_list_head).
+    const int64_t hk = head / gather_group_heads(&p), g = head % gather_group_heads(&p);
+    fdm_seq seq = fdm_seq_of(&p, b);
+    seq.len_k = min_i64(seq.len_k, p.max_seqlen_k);
+
+    uint32_t bits = 0;
+    const int P = plan.heads_per_cta;
+    const int64_t rows = seq.len_q * P, m0 = static_cast<int64_t>(m_block) * kFwdBlockM;
+    if (m0 < rows) {
+        // This lane's queries of the block: q_first + lane and q_first + lane + 32 (<= q_last).
+        const int64_t q_first = m0 / P, q_last = (min_i64(m0 + kFwdBlockM, rows) - 1) / P;
+        int64_t row_off[2];
+        int last_key[2];  // last visible key of the query, -1 for none (past q_last)
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const int64_t i = q_first + lane + 32 * k;
+            last_key[k] = -1;
+            row_off[k] = 0;
+            if (i <= q_last) {
+                last_key[k] = static_cast<int>(
+                    min_i64(seq.len_k - 1, p.is_causal ? fdm_causal_last_key(&seq, i) : seq.len_k - 1));
+                row_off[k] = fdm_operand_offset(&p.mask, &seq, hk, g, i, 0);
+            }
+        }
+        for (int t = 0; t < 32; ++t) {
+            const int j0 = (word * 32 + t) * plan.block_n;
+            if (j0 >= seq.len_k) break;
+            bool any = false;
+#pragma unroll
+            for (int k = 0; k < 2; ++k)
+                any |= row_keeps_any(p.mask, row_off[k], j0, min(j0 + plan.block_n, last_key[k] + 1), p.max_seqlen_k);
+            if (__any_sync(0xffffffffu, any)) bits |= 1u << t;
+        }
+    }
+    if (lane == 0) tile_bits[out_index] = bits;
+}
+
+int run_tile_visibility(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
+    const int64_t words = gather_kv_heads(&p) * gather_group_heads(&p) * p.batch * plan.num_m_blocks * plan.bitmap_words;
+    const int64_t blocks = (words + kBitmapWarps - 1) / kBitmapWarps;
+    if (blocks == 0) return FDM_OK;
+    if (blocks > 0x7fffffffLL) return FDM_ERR_GRID;
+    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    uint32_t *tile_bits = reinterpret_cast<uint32_t *>(static_cast<unsigned char *>(p.workspace) + w.tile_bits);
+    tile_visibility_kernel<<<static_cast<unsigned>(blocks), 32 * kBitmapWarps, 0, stream>>>(p, plan, tile_bits);
+    return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
+}
+
+}  // namespace fdm
