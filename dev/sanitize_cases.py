@@ -83,8 +83,10 @@ def main():
     cases.append(([(1, 3001), (3, 1500), (0, 900), (2, 0)], 8, 2, 128, torch.bfloat16, "key", 2, "key", 1, True))
     cases.append(([(2, 2049)], 8, 2, 64, torch.float16, "query", 8, "query", 1, False))
     cases.append(([(4, 2500), (1, 700)], 8, 2, 256, torch.bfloat16, "key", 8, "key", 8, True))
-    # Query-based masks' tile bitmap: packed GQA over a per-head mask (h' = H), one mask head, prefill rows.
-    cases.append(([(3, 2200), (1, 150), (0, 40)], 8, 2, 128, torch.bfloat16, "query", 8, "key", 2, True))
+    # Query-based masks' tile bitmap: packed GQA over a per-head mask (h' = H), one mask head, prefill
+    # rows; max_seqlen_k a multiple of 16, so the bool masks are staged through shared memory.
+    cases.append(([(3, 2208), (1, 150), (0, 40)], 8, 2, 128, torch.bfloat16, "query", 8, "key", 2, True))
+    cases.append(([(130, 3008), (67, 67)], 4, 2, 64, torch.float16, "query", 1, None, 0, True))
     cases.append(([(130, 3000), (67, 67)], 4, 2, 64, torch.float16, "query", 1, None, 0, True))
     # Gathered keys (forced on, also short sequences), forced split counts, paged K/V.
     gather = {"FLASH_DMATTN_GATHER_KEYS": "1"}

@@ -1,6 +1,6 @@
 // fdm_launch.cu: the plain-C entry points of the CUDA forward. Plans the launch (launch_plan.h),
 // picks the instantiation (dtype x tile head dim: the head dim rounded up to 32, 64, 96, 128, 192
-// or 256, x warp layout), launches it: first the key compaction when gathering or the tile test of
+// or 256, x warp layout x staged query mask or not), launches it: first the key compaction when gathering or the tile test of
 // a query-based mask, then the forward, then with split-KV the combine kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,14 +20,14 @@ int num_sms() {
     return sms;
 }
 
-int smem_bytes(int tile_head_dim, bool key_split) {
+int smem_bytes(int tile_head_dim, bool key_split, bool staged_mask) {
     switch (tile_head_dim) {
-        case 32: return fdm::FwdTile<32>::smem_bytes(key_split);
-        case 64: return fdm::FwdTile<64>::smem_bytes(key_split);
-        case 96: return fdm::FwdTile<96>::smem_bytes(key_split);
-        case 128: return fdm::FwdTile<128>::smem_bytes(key_split);
-        case 192: return fdm::FwdTile<192>::smem_bytes(key_split);
-        default: return fdm::FwdTile<256>::smem_bytes(key_split);
+        case 32: return fdm::FwdTile<32>::smem_bytes(key_split, staged_mask);
+        case 64: return fdm::FwdTile<64>::smem_bytes(key_split, staged_mask);
+        case 96: return fdm::FwdTile<96>::smem_bytes(key_split, staged_mask);
+        case 128: return fdm::FwdTile<128>::smem_bytes(key_split, staged_mask);
+        case 192: return fdm::FwdTile<192>::smem_bytes(key_split, staged_mask);
+        default: return fdm::FwdTile<256>::smem_bytes(key_split, staged_mask);
     }
 }
 
@@ -35,13 +35,16 @@ fdm::FwdPlan plan_for(const fdm_params &p) {
     const int tile_head_dim = fdm::tile_head_dim(p.head_dim);
     const bool key_split = fdm::use_key_split(p, fdm::kFwdBlockM);
     return fdm::make_plan(p, fdm::kFwdBlockM, fdm::fwd_block_n(tile_head_dim), num_sms(),
-                          fdm::fwd_ctas_per_sm(smem_bytes(tile_head_dim, key_split)));
+                          fdm::fwd_ctas_per_sm(smem_bytes(tile_head_dim, key_split, fdm::use_staged_query_mask(p))));
 }
 
 template <class T, int kHeadDim>
 int run_layout(const fdm_params &p, const fdm::FwdPlan &plan, cudaStream_t stream) {
-    return plan.key_split ? fdm::run_fwd<T, kHeadDim, true>(p, plan, stream)
-                          : fdm::run_fwd<T, kHeadDim, false>(p, plan, stream);
+    if (plan.staged_query_mask)
+        return plan.key_split ? fdm::run_fwd<T, kHeadDim, true, true>(p, plan, stream)
+                              : fdm::run_fwd<T, kHeadDim, false, true>(p, plan, stream);
+    return plan.key_split ? fdm::run_fwd<T, kHeadDim, true, false>(p, plan, stream)
+                          : fdm::run_fwd<T, kHeadDim, false, false>(p, plan, stream);
 }
 
 template <class T>

@@ -24,8 +24,10 @@
 
 namespace fdm {
 
-// kKeySplit: the plan's choice of KeySplitMath (true) or RowSplitMath.
-template <class T, int kHeadDim, bool kKeySplit>
+// kKeySplit: the plan's choice of KeySplitMath (true) or RowSplitMath. kStagedMask: the plan's
+// staged_query_mask (a query-based byte mask copied per tile into shared memory); a path of its
+// own, so that calls without one run code that does not carry it.
+template <class T, int kHeadDim, bool kKeySplit, bool kStagedMask>
 __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     fwd_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan) {
     using Tile = FwdTile<kHeadDim>;
@@ -79,6 +81,12 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
     int *key_s = reinterpret_cast<int *>(bias_s + Tile::kStages * kBlockN);              // (kStages, kBlockN)
     uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + Tile::kStages * kBlockN);      // (kStages, kBlockN)
     unsigned char *exchange = keep_s + Tile::kStages * kBlockN;                           // KeySplitMath's p_s, red_s
+    const auto qmask_stage = [&](int stage) -> uint8_t * {  // qmask_s (kStages, kBlockM, kQMaskStride)
+        if constexpr (kStagedMask)
+            return exchange + (kKeySplit ? Tile::kExchangeBytes : 0) + stage * Tile::kQMaskStageBytes;
+        else
+            return nullptr;
+    };
     const auto key_stage = [&](int stage) {
         return KeyStage{row_s + stage * kBlockN, bias_s + stage * kBlockN, key_s + stage * kBlockN,
                         keep_s + stage * kBlockN};
@@ -96,21 +104,23 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
         q_g, head_dim);
     cp_async_commit();
 
-    // Finds the first visible key tile at or after n, staging its per-key data in `stage`.
+    // Finds the first visible key tile at or after n, staging its per-key data in `stage` and
+    // fetching ahead the per-key data of the tile that may follow it.
     KeyColumn fetched_ahead;
     fetched_ahead.n = -1;
     auto next_visible = [&](int n, int stage) {
         while (true) {
             if (plan.gather) n = skip_empty_subtiles<Tile>(gathered, n, n_stop);
             if (plan.tile_bitmap) n = bitmap.next(n, n_stop);
-            if (n >= n_stop || prepare_key_tile<Tile>(p, plan, ctx, gathered, n, n_stop, key_stage(stage), fetched_ahead))
+            if (n >= n_stop || prepare_key_tile<Tile, kStagedMask>(p, plan, ctx, gathered, bitmap, n, n_stop,
+                                                                   key_stage(stage), fetched_ahead))
                 return n;
             ++n;
         }
     };
     auto load_kv_async = [&](int n, int stage) {
         load_key_tile_async<Tile>(p, plan, ctx, n, key_stage(stage), k_s + stage * Tile::kKVElems,
-                                  v_s + stage * Tile::kKVElems);
+                                  v_s + stage * Tile::kKVElems, qmask_stage(stage));
     };
 
     Math math(ctx, valid_rows, exchange);
@@ -129,7 +139,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
         }
         __syncthreads();
         const TileOperands<T> op{q_s, k_s + stage * Tile::kKVElems, v_s + stage * Tile::kKVElems, key_stage(stage),
-                                 plan.gather != 0};
+                                 qmask_stage(stage), plan.gather != 0};
         math.step(op, p, ctx, n);
         __syncthreads();  // every warp is done with `stage` before it is refilled
         n = n_next;

@@ -127,6 +127,7 @@ struct TileBitmap {
     }
 
     // The first tile in [n, n_stop) whose bit is set, n_stop when none; the same in every thread.
+    // (Consecutive calls read the same word: an L1 hit.)
     __device__ __forceinline__ int next(int n, int n_stop) const {
         while (n < n_stop) {
             uint32_t word = 0;
@@ -140,12 +141,15 @@ struct TileBitmap {
 };
 
 // Stages tile n (see the top of the file) into `st` and tells whether it holds a visible pair (a
-// key-based mask's test; true otherwise), the same answer in every thread. `next` carries the columns fetched ahead: used when they are tile
-// n's, then refilled with tile n + 1's (when n + 1 < n_stop). Ends with a CTA barrier whenever
-// the K/V loader or the key-mask test reads what other threads staged.
-template <class Tile>
+// key-based mask's test; true otherwise), the same answer in every thread. `next` carries the
+// columns fetched ahead: used when they are tile n's, then refilled with those of the tile after
+// n (when before n_stop): n + 1, or with kFromBitmap the next one whose bit is set in `bitmap`.
+// Ends with a CTA barrier whenever the K/V loader or the key-mask test reads what other threads
+// staged.
+template <class Tile, bool kFromBitmap>
 __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const MaskContext &c,
-                                 const GatheredKeys &gathered, int n, int n_stop, KeyStage st, KeyColumn &next) {
+                                 const GatheredKeys &gathered, const TileBitmap &bitmap, int n, int n_stop,
+                                 KeyStage st, KeyColumn &next) {
     const int tid = threadIdx.x;
     const bool key_mask = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_KEY;
     bool any = false;
@@ -159,7 +163,8 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
         st.keep[tid] = keep;
         any = plan.gather ? col.key < c.key_end : key_mask && keep;
         next.n = -1;
-        if (n + 1 < n_stop) next = fetch_key_column<Tile>(p, plan, c, gathered, n + 1);
+        const int n_ahead = kFromBitmap && plan.tile_bitmap ? bitmap.next(n + 1, n_stop) : n + 1;
+        if (n_ahead < n_stop) next = fetch_key_column<Tile>(p, plan, c, gathered, n_ahead);
     }
     if (!key_mask) {  // no mask, or a query-based one whose tiles TileBitmap already chose
         if (p.block_table != nullptr) __syncthreads();
@@ -168,10 +173,37 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
     return __syncthreads_or(any) != 0;
 }
 
-// Starts the cp.async copy of tile n's K and V rows into one stage (one commit group).
+// Copies the (kBlockM, kBlockN) block of a staged query-based mask (launch_plan.h,
+// use_staged_query_mask) for tile n into a (kBlockM, kQMaskStride) shared tile: row r of the block
+// (query (m0 + r) / P, group index g + (m0 + r) % P) gets mask bytes j = n * kBlockN + c. Rows past
+// the sequence and columns past the mask's max_seqlen_k are zero-filled (hidden), unread.
+template <class Tile>
+__device__ __forceinline__ void load_query_mask_tile_async(const fdm_params &p, const MaskContext &c, int n,
+                                                           uint8_t *tile) {
+    constexpr int kChunksPerRow = Tile::kBlockN / 16;
+    constexpr int kIters = Tile::kBlockM * kChunksPerRow / Tile::kThreads;
+    static_assert(kIters * Tile::kThreads == Tile::kBlockM * kChunksPerRow, "whole chunks per thread");
+    const uint8_t *mask = static_cast<const uint8_t *>(p.mask.ptr);
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+        const int chunk = threadIdx.x + it * Tile::kThreads;
+        const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 16;
+        const int packed = c.m0 + row, j = n * Tile::kBlockN + col;
+        const int i = packed / c.heads_per_cta;
+        const int64_t g = c.g + packed % c.heads_per_cta;
+        const int64_t left = p.max_seqlen_k - j;  // mask bytes of the row from j on
+        const int bytes = i < c.seq.len_q && left > 0 ? static_cast<int>(min_i64(16, left)) : 0;
+        const uint8_t *src = bytes > 0 ? mask + fdm_operand_offset(&p.mask, &c.seq, c.hk, g, i, j) : mask;
+        cp_async_16_bytes(smem_addr(tile + row * Tile::kQMaskStride + col), src, bytes);
+    }
+}
+
+// Starts the cp.async copy of tile n's K and V rows into one stage, and of its block of a staged
+// query-based mask into qmask_tile (when not nullptr): one commit group.
 template <class Tile, class T>
 __device__ __forceinline__ void load_key_tile_async(const fdm_params &p, const FwdPlan &plan, const MaskContext &c,
-                                                    int n, const KeyStage &st, T *k_tile, T *v_tile) {
+                                                    int n, const KeyStage &st, T *k_tile, T *v_tile,
+                                                    uint8_t *qmask_tile) {
     const int head_dim = static_cast<int>(p.head_dim);
     const T *k_head = static_cast<const T *>(p.k) + c.hk * p.k_head_stride;  // row 0 of the KV head
     const T *v_head = static_cast<const T *>(p.v) + c.hk * p.v_head_stride;
@@ -184,6 +216,7 @@ __device__ __forceinline__ void load_key_tile_async(const fdm_params &p, const F
         load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
                                  [&](int r) { return r < valid ? row0 + r : int64_t(-1); }, head_dim);
     }
+    if (qmask_tile != nullptr) load_query_mask_tile_async<Tile>(p, c, n, qmask_tile);
     cp_async_commit();
 }
 

@@ -44,6 +44,8 @@ struct FwdPlan {
     int tile_bitmap;        // 1: a query-based mask's key tiles are tested up front (tile_visibility.cu)
     int block_n;            // keys per key tile (kBlockN of the instantiation)
     int bitmap_words;       // 32-bit words of tile bits per row block: ceil(key tiles / 32)
+    int staged_query_mask;  // 1: each tile's (kBlockM, kBlockN) block of the query-based mask is
+                            // copied to shared memory with its K/V (use_staged_query_mask)
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
@@ -61,6 +63,16 @@ inline bool use_gather(const fdm_params &p) {
     if (p.mask.ptr == nullptr || p.mask.layout != FDM_LAYOUT_KEY || p.max_seqlen_k == 0) return false;
     if (p.force_gather >= 0) return p.force_gather != 0;
     return p.max_seqlen_k >= 2 * kGatherChunk;
+}
+
+// A query-based byte mask whose rows all start 16-byte aligned is copied block by block into
+// shared memory with cp.async, with the tile's K and V, so its reads never stall the scores;
+// any other query-based mask is read element by element from global memory.
+inline bool use_staged_query_mask(const fdm_params &p) {
+    const fdm_operand &m = p.mask;
+    if (m.ptr == nullptr || m.layout != FDM_LAYOUT_QUERY || m.dtype != FDM_BYTE || m.stride_k != 1) return false;
+    const int64_t strides = m.stride_q | m.stride_kv_head | m.stride_group | m.stride_seq;
+    return reinterpret_cast<uintptr_t>(m.ptr) % 16 == 0 && strides % 16 == 0;
 }
 
 // Rows of a block: with packed GQA, max_seqlen_q * G; else max_seqlen_q.
@@ -85,6 +97,7 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     plan.block_n = block_n;
     plan.tile_bitmap = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY && p.max_seqlen_k > 0 ? 1 : 0;
     plan.bitmap_words = static_cast<int>(((p.max_seqlen_k + block_n - 1) / block_n + 31) / 32);
+    plan.staged_query_mask = use_staged_query_mask(p) ? 1 : 0;
     plan.num_m_blocks = static_cast<int>((block_rows(p, block_m) + block_m - 1) / block_m);
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;

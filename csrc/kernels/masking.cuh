@@ -85,15 +85,19 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
 // S (16 rows x 8 kNTiles columns of the key tile, from column col_base; this thread's (kNTiles, 4)
 // part) -> X in the log2 domain:
 //   x = scale * s;  x = softcap * tanh(x / softcap);  x += bias;  x = -inf where hidden.
-// Element (t, e) is row gid + 8 * (e / 2) (rows: its facts), column c = col_base + 8 t + 2 tig + e % 2,
+// Element (t, e) is row row0 + 8 * (e / 2) of the block (rows: its facts; row0 = the row of the
+// thread's gid), column c = col_base + 8 t + 2 tig + e % 2,
 // which holds key
 // j = n * kBlockN + c, or keys[c] on a gathered tile (keys != nullptr; kNoKey past its keys).
-// keep / kbias: the tile's staged key-based mask and bias. Each step is one uniform branch per
-// tile, not per element; limits are tested only on tiles that cross Lk or the diagonal.
+// keep / kbias: the tile's staged key-based mask and bias; qmask: the tile's staged block of a
+// query-based byte mask, (kBlockM, kQMaskStride), or nullptr to read the mask from global memory.
+// Each step is one uniform branch per tile, not per element; limits are tested only on tiles that
+// cross Lk or the diagonal.
 template <class Tile, int kNTiles>
 __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const fdm_params &p, const MaskContext &c,
                                                  const RowInfo &rows, int n, const uint8_t *keep,
-                                                 const float *kbias, const int *keys, int col_base) {
+                                                 const float *kbias, const int *keys, const uint8_t *qmask,
+                                                 int row0, int col_base) {
     const int j0 = n * Tile::kBlockN;
     const int col0 = col_base + 2 * (threadIdx.x % 4);
     const auto key_of = [&](int t, int e) {
@@ -161,6 +165,12 @@ __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const f
                     for (int e = 0; e < 4; ++e)
                         if (!keep[t * 8 + col0 + e % 2]) s[t][e] = -INFINITY;
             }
+        } else if (qmask != nullptr) {  // rows past the sequence were staged as 0 (hidden)
+#pragma unroll
+            for (int t = 0; t < kNTiles; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (!qmask[(row0 + 8 * (e / 2)) * Tile::kQMaskStride + t * 8 + col0 + e % 2]) s[t][e] = -INFINITY;
         } else {
             const int64_t row_off[2] = {fdm_operand_offset(&p.mask, &c.seq, c.hk, rows.g[0], rows.i[0], 0),
                                         fdm_operand_offset(&p.mask, &c.seq, c.hk, rows.g[1], rows.i[1], 0)};

@@ -32,6 +32,7 @@ struct TileOperands {
     const T *k_tile;   // (kBlockN, kRowStride) K_n
     const T *v_tile;   // (kBlockN, kRowStride) V_n
     KeyStage keys;     // the tile's staged per-key data (key_tiles.cuh)
+    const uint8_t *qmask;  // (kBlockM, kQMaskStride) the tile's block of a staged query-based mask, or nullptr
     bool gathered;     // the tile's columns hold keys.key[c], not n * kBlockN + c
 };
 
@@ -80,7 +81,8 @@ struct RowSplitMath {
 
         // X = transform(S) in the log2 domain, then P.
         transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
-                                        op.gathered ? op.keys.key : nullptr, 0);
+                                        op.gathered ? op.keys.key : nullptr, op.qmask,
+                                        warp_row0 + lane / 4, 0);
         softmax.update(s, acc_o);
 
         // O += P V: P (16, kBlockN) as A fragments straight from the S accumulators.
@@ -197,7 +199,7 @@ struct KeySplitMath {
         for (int mt = 0; mt < kMTiles; ++mt) {
             if (mt >= m_tiles) break;
             transform_scores<Tile, kNTiles>(s[mt], p, ctx, rows[mt], n, op.keys.keep, op.keys.bias,
-                                            op.gathered ? op.keys.key : nullptr, key0);
+                                            op.gathered ? op.keys.key : nullptr, op.qmask, 16 * mt + gid, key0);
         }
         softmax.update(s, acc_o, m_tiles, red_s);
 #pragma unroll

@@ -54,7 +54,14 @@ struct FwdTile {
     //   red_s    (kWarps, kKeySplitRows) float          per-warp row maxima, then row sums
     static constexpr int kPStride = kBlockN + 8;                // +16 bytes: conflict-free like kRowStride
     static constexpr int kExchangeBytes = 2 * kKeySplitRows * kPStride + 4 * kWarps * kKeySplitRows;
-    static constexpr int smem_bytes(bool key_split) { return kSmemBytes + (key_split ? kExchangeBytes : 0); }
+
+    // Then, with a staged query-based mask (launch_plan.h, use_staged_query_mask):
+    //   qmask_s  (kStages, kBlockM, kQMaskStride) uint8 the tile's block of the mask (1 = keep)
+    static constexpr int kQMaskStride = kBlockN + 16;           // rows 16-byte aligned for cp.async
+    static constexpr int kQMaskStageBytes = kBlockM * kQMaskStride;
+    static constexpr int smem_bytes(bool key_split, bool staged_mask) {
+        return kSmemBytes + (key_split ? kExchangeBytes : 0) + (staged_mask ? kStages * kQMaskStageBytes : 0);
+    }
 };
 
 // Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by
@@ -76,10 +83,14 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// 16-byte asynchronous copy of the first src_bytes (0..16) bytes at src (16-byte aligned); the
+// rest of the 16 shared bytes is zero-filled.
+__device__ __forceinline__ void cp_async_16_bytes(uint32_t dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
 // 16-byte asynchronous copy; when !valid the 16 shared bytes are zero-filled and nothing is read.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src, bool valid) {
-    const int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+    cp_async_16_bytes(dst, src, valid ? 16 : 0);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
