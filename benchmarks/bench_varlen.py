@@ -429,17 +429,24 @@ def probe_ours(args, cases: List[Case]) -> Dict[str, str]:
     return results
 
 
+def checked_reference(row: Row, inp, args):
+    """The reference output of row's case (None without --check), and row.tol from its magnitude."""
+    if not args.check:
+        return None
+    case, dev = row.case, args.device
+    ref_dtype = torch.float64 if dev == "cpu" else torch.float32
+    budget = (1 if dev == "cpu" else 4) * 2 ** 30
+    ref = peers.reference(case, inp, ref_dtype, budget)
+    row.tol = RTOL[case.dtype] * float(ref.abs().max().item() if ref.numel() else 0.0) + ATOL[case.dtype]
+    return ref
+
+
 def run_case(case: Case, args, timer: Timer, probe_error: str = "") -> Row:
     row = Row(case)
     dev = args.device
     inp = make_inputs(case, dev)
     row.work = work_of(case, inp)
-    ref = None
-    if args.check:
-        ref_dtype = torch.float64 if dev == "cpu" else torch.float32
-        budget = (1 if dev == "cpu" else 4) * 2 ** 30
-        ref = peers.reference(case, inp, ref_dtype, budget)
-        row.tol = RTOL[case.dtype] * float(ref.abs().max().item() if ref.numel() else 0.0) + ATOL[case.dtype]
+    ref = checked_reference(row, inp, args)
     if probe_error:
         row.ours.status = probe_error
         row.ours.bytes = inp.nbytes("mask", "bias")
@@ -466,12 +473,7 @@ def run_paged_case(case: Case, args, timer: Timer, probe_error: str = "") -> Row
     if probe_error:
         row.ours.status = probe_error
         return row
-    ref = None
-    if args.check:
-        ref_dtype = torch.float64 if dev == "cpu" else torch.float32
-        budget = (1 if dev == "cpu" else 4) * 2 ** 30
-        ref = peers.reference(case, inp, ref_dtype, budget)
-        row.tol = RTOL[case.dtype] * float(ref.abs().max().item() if ref.numel() else 0.0) + ATOL[case.dtype]
+    ref = checked_reference(row, inp, args)
     bench_ours(row, inp, ref, timer)
     del ref
     contiguous = None
