@@ -41,7 +41,7 @@ def align16(n):
 def check_plan(problem, plan):
     (b, h, hk, max_q, max_k, total_k, block_m, block_n, sms, ctas_per_sm, mask_layout, mask_group_stride,
      force_splits, force_gather) = problem
-    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace, key_split = plan
+    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace, key_split, rows_first = plan
     group = h // hk
 
     # Packed GQA: only whole groups, never when a key-based mask differs across the group's heads.
@@ -88,6 +88,10 @@ def check_plan(problem, plan):
         expect += align16(mask_heads * b * num_m_blocks * words * 4)
     assert workspace == expect
 
+    # CTA order: row blocks first with a query-based mask or when the batch's K/V fits a 50 MB L2.
+    kv_bytes = (total_k if total_k > 0 else b * max_k) * hk * D * 2 * 2
+    assert rows_first == int((mask_layout == MASK_QUERY and max_k > 0) or kv_bytes <= 50 << 20)
+
 
 def test_plan_invariants_on_random_problems(probe):
     rng = random.Random(20261123)
@@ -98,7 +102,7 @@ def test_plan_invariants_on_random_problems(probe):
         b = rng.randint(1, 80)
         max_k = rng.choice([0, 1, 63, 64, 65, 511, 512, 2000, 4096, 131072])
         total_k = max_k * rng.randint(1, b) if max_k else 0
-        problems.append((b, h, hk, rng.choice([0, 1, 2, 5, 8, 17, 64, 300, 4096]), max_k, total_k, 64,
+        problems.append((b, h, hk, rng.choice([0, 1, 2, 5, 8, 17, 64, 300, 4096]), max_k, total_k, rng.choice([64, 128]),
                          rng.choice([32, 64]), rng.choice([0, 1, 108, 132]), rng.choice([1, 2, 4]),
                          rng.choice([MASK_NONE, MASK_KEY, MASK_QUERY]), rng.choice([0, 1]),
                          rng.choice([0, 0, 1, 2, 7, 64, 500]), rng.choice([-1, -1, 0, 1])))
@@ -126,4 +130,6 @@ def test_plan_of_the_benchmark_shapes(probe):
     assert plans["e"][4] == 0 and plans["e"][2:4] == (4, 1)                  # tiny: one tile per CTA
     assert plans["per_head"][0] == 1 and plans["per_head"][2] >= 4
     assert plans["prefill"][:3] == (1, 128, 1)                               # neither packed nor split
+    assert plans["prefill"][7] == 0          # 82 MB of K/V, beyond L2: sequences and heads first
+    assert plans["e"][7] == 1                # a few KB: row blocks first
     assert plans["forced"][2] == 7 and plans["forced"][4] == 0

@@ -12,30 +12,49 @@
 
 namespace {
 
-int num_sms() {
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-        return 0;  // unknown: the plan then never splits
-    return sms;
+int device_attribute(cudaDeviceAttr attr) {
+    int device = 0, value = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess)
+        return 0;  // unknown: the plan then never splits (SMs) and orders CTAs sequences first (L2)
+    return value;
 }
 
-int smem_bytes(int tile_head_dim, bool key_split, bool staged_mask) {
+// Row block and shared memory of the instantiation for (tile head dim, warp layout, staged mask).
+struct FwdShape {
+    int block_m, smem_bytes;
+};
+template <int kHeadDim, bool kKeySplit, bool kStagedMask>
+FwdShape shape_of() {
+    using Tile = fdm::FwdTileOf<kHeadDim, kKeySplit, kStagedMask>;
+    return {Tile::kBlockM, Tile::smem_bytes(kKeySplit, kStagedMask)};
+}
+template <int kHeadDim>
+FwdShape shape_of(bool key_split, bool staged_mask) {
+    if (staged_mask) return key_split ? shape_of<kHeadDim, true, true>() : shape_of<kHeadDim, false, true>();
+    return key_split ? shape_of<kHeadDim, true, false>() : shape_of<kHeadDim, false, false>();
+}
+FwdShape fwd_shape(int tile_head_dim, bool key_split, bool staged_mask) {
     switch (tile_head_dim) {
-        case 32: return fdm::FwdTile<32>::smem_bytes(key_split, staged_mask);
-        case 64: return fdm::FwdTile<64>::smem_bytes(key_split, staged_mask);
-        case 96: return fdm::FwdTile<96>::smem_bytes(key_split, staged_mask);
-        case 128: return fdm::FwdTile<128>::smem_bytes(key_split, staged_mask);
-        case 192: return fdm::FwdTile<192>::smem_bytes(key_split, staged_mask);
-        default: return fdm::FwdTile<256>::smem_bytes(key_split, staged_mask);
+        case 32: return shape_of<32>(key_split, staged_mask);
+        case 64: return shape_of<64>(key_split, staged_mask);
+        case 96: return shape_of<96>(key_split, staged_mask);
+        case 128: return shape_of<128>(key_split, staged_mask);
+        case 192: return shape_of<192>(key_split, staged_mask);
+        default: return shape_of<256>(key_split, staged_mask);
     }
 }
 
+// The key-split choice (blocks of at most kKeySplitRows rows) is the same for every row block of
+// 16 rows or more; it is made with the key-split instantiation's block, which it then uses.
 fdm::FwdPlan plan_for(const fdm_params &p) {
     const int tile_head_dim = fdm::tile_head_dim(p.head_dim);
-    const bool key_split = fdm::use_key_split(p, fdm::kFwdBlockM);
-    return fdm::make_plan(p, fdm::kFwdBlockM, fdm::fwd_block_n(tile_head_dim), num_sms(),
-                          fdm::fwd_ctas_per_sm(smem_bytes(tile_head_dim, key_split, fdm::use_staged_query_mask(p))));
+    const bool key_split = fdm::use_key_split(p, fdm::fwd_block_m(tile_head_dim, true, false));
+    const FwdShape shape = fwd_shape(tile_head_dim, key_split, fdm::use_staged_query_mask(p));
+    fdm::FwdPlan plan = fdm::make_plan(p, shape.block_m, fdm::fwd_block_n(tile_head_dim),
+                                       device_attribute(cudaDevAttrMultiProcessorCount),
+                                       fdm::fwd_ctas_per_sm(shape.smem_bytes));
+    plan.rows_first = fdm::use_rows_first(p, plan, device_attribute(cudaDevAttrL2CacheSize)) ? 1 : 0;
+    return plan;
 }
 
 template <class T, int kHeadDim>

@@ -1,7 +1,7 @@
 // fwd_kernel.cuh: the varlen attention forward kernel (SPEC.md section 1) on tensor cores.
 //
 // One CTA computes one (row block of kBlockM rows, head block, sequence b, key range) with 4
-// warps. A row is one (query, head) pair: with packed GQA (launch_plan.h) the P heads of a KV
+// warps (kBlockM: fwd_block_m of the instantiation, tiles.cuh). A row is one (query, head) pair: with packed GQA (launch_plan.h) the P heads of a KV
 // group share a CTA, so row R is query R / P of head h0 + R % P; without it P = 1.
 // For every visible key tile n (kBlockN keys) of the CTA's key range, Math (tile_math.cuh:
 // RowSplitMath or KeySplitMath, the plan's choice) computes S = Q K_n^T, the masked online softmax
@@ -28,23 +28,30 @@ namespace fdm {
 // staged_query_mask (a query-based byte mask copied per tile into shared memory); a path of its
 // own, so that calls without one run code that does not carry it.
 template <class T, int kHeadDim, bool kKeySplit, bool kStagedMask>
-__global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads)
+__global__ void __launch_bounds__(32 * kFwdWarps)
     fwd_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan) {
-    using Tile = FwdTile<kHeadDim>;
+    using Tile = FwdTileOf<kHeadDim, kKeySplit, kStagedMask>;
     using Math = std::conditional_t<kKeySplit, KeySplitMath<T, Tile>, RowSplitMath<T, Tile>>;
     constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
 
-    // blockIdx.x = ((b * head_blocks + head_block) * num_m_blocks + m_block) * num_splits + split:
-    // neighbouring CTAs share K/V in L2.
+    // The CTA order (launch_plan.h, use_rows_first), with row block m_block = num_m_blocks - 1 - m_rev:
+    //   rows_first: blockIdx.x = ((m_rev * B + b) * head_blocks + head_block) * num_splits + split
+    //   else:       blockIdx.x = ((b * head_blocks + head_block) * num_m_blocks + m_rev) * num_splits + split
     int64_t idx = blockIdx.x;
     const int split = static_cast<int>(idx % plan.num_splits);
     idx /= plan.num_splits;
-    const int m_block = static_cast<int>(idx % plan.num_m_blocks);
-    idx /= plan.num_m_blocks;
     const int P = plan.heads_per_cta;
     const int64_t head_blocks = p.num_heads / P;
+    int m_rev = 0;
+    if (!plan.rows_first) {
+        m_rev = static_cast<int>(idx % plan.num_m_blocks);
+        idx /= plan.num_m_blocks;
+    }
     const int64_t h0 = (idx % head_blocks) * P;  // first query head of the CTA
-    const int64_t b = idx / head_blocks;
+    idx /= head_blocks;
+    const int64_t b = plan.rows_first ? idx % p.batch : idx;
+    if (plan.rows_first) m_rev = static_cast<int>(idx / p.batch);
+    const int m_block = plan.num_m_blocks - 1 - m_rev;
     const int64_t group = p.num_heads / p.num_heads_k;
 
     MaskContext ctx;

@@ -8,7 +8,7 @@ namespace fdm {
 
 template <class T, int kHeadDim, bool kKeySplit, bool kStagedMask>
 int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
-    using Tile = FwdTile<kHeadDim>;
+    using Tile = FwdTileOf<kHeadDim, kKeySplit, kStagedMask>;
     constexpr int kSmemBytes = Tile::smem_bytes(kKeySplit, kStagedMask);
     // One CTA per (key range, row block, head block, sequence); blocks past a sequence's end return at once.
     const int64_t num_ctas = static_cast<int64_t>(plan.num_splits) * plan.num_m_blocks *

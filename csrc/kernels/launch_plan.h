@@ -42,10 +42,13 @@ struct FwdPlan {
     int max_chunks;         // ceil(max_seqlen_k / kGatherChunk)
     int key_split;          // 1: KeySplitMath, 0: RowSplitMath (tile_math.cuh)
     int tile_bitmap;        // 1: a query-based mask's key tiles are tested up front (tile_visibility.cu)
+    int block_m;            // rows per row block (kBlockM of the instantiation)
     int block_n;            // keys per key tile (kBlockN of the instantiation)
     int bitmap_words;       // 32-bit words of tile bits per row block: ceil(key tiles / 32)
     int staged_query_mask;  // 1: each tile's (kBlockM, kBlockN) block of the query-based mask is
                             // copied to shared memory with its K/V (use_staged_query_mask)
+    int rows_first;         // CTA order (fwd_kernel.cuh): 1: row blocks outermost, 0: sequences and
+                            // heads outermost (use_rows_first)
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
@@ -89,15 +92,30 @@ inline bool use_key_split(const fdm_params &p, int block_m) {
     return fits;
 }
 
+// The order of the CTAs. Either way a head's last row blocks (causal: the most keys) start first.
+// Sequences and heads outermost keeps the CTAs running at once on a few heads' K/V, which stay in
+// L2; row blocks outermost runs every sequence's and head's block m at once, so the longest
+// sequences' blocks all start first and short ones fill the tail, but the K/V of the whole batch
+// is in use at once. On the H100 prefill benchmark (docs/notes.md) rows-first was 4% slower at
+// D = 128 (82 MB of K/V against 50 MB of L2) and 5% faster at D = 64 (41 MB), and 14% faster with
+// a block-sparse query mask, whose CTAs read only a tenth of their keys.
+inline bool use_rows_first(const fdm_params &p, const FwdPlan &plan, int64_t l2_bytes) {
+    if (plan.tile_bitmap) return true;
+    const int64_t keys = p.total_k > 0 ? p.total_k : p.batch * p.max_seqlen_k;
+    return keys * p.num_heads_k * p.head_dim * 2 * 2 <= l2_bytes;  // K and V, 2-byte elements
+}
+
 // ctas_per_sm: resident CTAs of this instantiation per SM (tiles.cuh, fwd_ctas_per_sm).
 inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_sms, int ctas_per_sm) {
     FwdPlan plan;
     plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
     plan.key_split = use_key_split(p, block_m) ? 1 : 0;
+    plan.block_m = block_m;
     plan.block_n = block_n;
     plan.tile_bitmap = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY && p.max_seqlen_k > 0 ? 1 : 0;
     plan.bitmap_words = static_cast<int>(((p.max_seqlen_k + block_n - 1) / block_n + 31) / 32);
     plan.staged_query_mask = use_staged_query_mask(p) ? 1 : 0;
+    plan.rows_first = 0;  // the launcher sets it (use_rows_first), knowing the device's L2
     plan.num_m_blocks = static_cast<int>((block_rows(p, block_m) + block_m - 1) / block_m);
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;

@@ -6,8 +6,9 @@
 //   P = online_softmax(X)           registers (softmax.cuh)
 //   O += P V_n                      mma.sync, V via ldmatrix.trans
 //
-// RowSplitMath (prefill): warp w owns rows [16 w, 16 w + 16) of the block, every key of the tile
-//   and every head-dim column of O; P stays in registers. No warp waits for another.
+// RowSplitMath (prefill): warp w owns kRowTiles row tiles of 16 rows (rows 16 (w + 4 mt) + [0, 16)),
+//   every key of the tile and every head-dim column of O; P stays in registers. No warp waits for
+//   another.
 // KeySplitMath (decode): warp w owns keys [w kBlockN / 4, (w + 1) kBlockN / 4) of S and head-dim
 //   columns [w D / 4, (w + 1) D / 4) of O, for every row of the block (kKeySplitRows at most).
 //   A decode block has 1-32 rows, which RowSplitMath gives to 1-2 warps: here all 4 work, and each one's chain of MMAs is
@@ -38,90 +39,139 @@ struct TileOperands {
 
 template <class T, class Tile>
 struct RowSplitMath {
+    static constexpr int kWarps = Tile::kWarps, kRowTiles = Tile::kRowTiles;
     static constexpr int kBlockN = Tile::kBlockN, kHeadDim = Tile::kHeadDim, kStride = Tile::kRowStride;
     static constexpr int kNTiles = kBlockN / 8;   // 8-key MMA tiles of S per warp
     static constexpr int kDTiles = kHeadDim / 8;  // 8-column MMA tiles of O per warp
 
-    float acc_o[kDTiles][4];  // O, rows warp_row0 + (gid, gid + 8), columns 8d + 2tig + {0, 1}
-    OnlineSoftmax<kNTiles, kDTiles> softmax;
-    RowInfo rows;
-    int warp_row0;        // first row of this warp inside the block
-    bool warp_has_rows;   // else it only helps with loads
-    float lse[2];
+    // Row tile mt of warp w is rows [16 (w + kWarps mt), +16) of the block, so a block's first
+    // 16 kWarps rows give every warp its first tile.
+    // With one row tile the rows' facts are kept in registers; with two, S and O leave no room for
+    // them and they are recomputed per key tile (a few integer ops).
+    static constexpr bool kKeepRows = kRowTiles == 1;
+
+    float acc_o[kRowTiles][kDTiles][4];  // O, rows row0(mt) + (gid, gid + 8), columns 8d + 2tig + {0, 1}
+    OnlineSoftmax<kNTiles, kDTiles> softmax[kRowTiles];
+    RowInfo kept_rows[kKeepRows ? kRowTiles : 1];
+    int warp_tiles;       // row tiles of this warp that hold rows of the block (0: it only helps with loads)
+    float lse[kRowTiles][2];
+
+    __device__ __forceinline__ static int row0(int mt) { return 16 * (static_cast<int>(threadIdx.x / 32) + kWarps * mt); }
 
     __device__ __forceinline__ RowSplitMath(const MaskContext &ctx, int valid_rows, unsigned char *) {
-        warp_row0 = (threadIdx.x / 32) * 16;
-        warp_has_rows = warp_row0 < valid_rows;
-        rows = make_row_info(ctx, warp_row0 + (threadIdx.x % 32) / 4);
+        warp_tiles = 0;
 #pragma unroll
-        for (int d = 0; d < kDTiles; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
+        for (int mt = 0; mt < kRowTiles; ++mt) {
+            if (row0(mt) < valid_rows) warp_tiles = mt + 1;
+            if constexpr (kKeepRows) kept_rows[mt] = make_row_info(ctx, row0(mt) + (threadIdx.x % 32) / 4);
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d) acc_o[mt][d][0] = acc_o[mt][d][1] = acc_o[mt][d][2] = acc_o[mt][d][3] = 0.f;
+        }
     }
 
     __device__ __forceinline__ void step(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx, int n) {
-        if (!warp_has_rows) return;
+        // One uniform branch per tile: a warp whose tiles all hold rows runs them together (K/V
+        // fragments shared), one with only its first tile (a short last block) runs that one.
+        if (warp_tiles == kRowTiles)
+            step_tiles<kRowTiles>(op, p, ctx, n);
+        else if (kRowTiles > 1 && warp_tiles == 1)
+            step_tiles<1>(op, p, ctx, n);
+    }
+
+    // The step for this warp's first kTiles row tiles.
+    template <int kTiles>
+    __device__ __forceinline__ void step_tiles(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx,
+                                               int n) {
         const int lane = threadIdx.x % 32, mi = lane / 8;
 
-        // S = Q K^T: (16, kBlockN) per warp.
-        float s[kNTiles][4];
+        // S = Q K^T: (16, kBlockN) per row tile; each K fragment feeds every row tile.
+        float s[kTiles][kNTiles][4];
 #pragma unroll
-        for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+        for (int mt = 0; mt < kTiles; ++mt)
+#pragma unroll
+            for (int t = 0; t < kNTiles; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-            uint32_t a[4];
-            ldmatrix_x4(a, smem_addr(op.q_s + (warp_row0 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
+            uint32_t a[kTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < kTiles; ++mt)
+                ldmatrix_x4(a[mt], smem_addr(op.q_s + (row0(mt) + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
 #pragma unroll
             for (int nn = 0; nn < kBlockN / 16; ++nn) {
                 uint32_t bk[4];
                 ldmatrix_x4(bk, smem_addr(op.k_tile + (nn * 16 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 +
                                           (mi % 2) * 8));
-                mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
-                mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
+#pragma unroll
+                for (int mt = 0; mt < kTiles; ++mt) {
+                    mma_16816<T>(s[mt][2 * nn], a[mt], bk[0], bk[1]);
+                    mma_16816<T>(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
+                }
             }
         }
 
         // X = transform(S) in the log2 domain, then P.
-        transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
-                                        op.gathered ? op.keys.key : nullptr, op.qmask,
-                                        warp_row0 + lane / 4, 0);
-        softmax.update(s, acc_o);
+#pragma unroll
+        for (int mt = 0; mt < kTiles; ++mt) {
+            const int row = row0(mt) + lane / 4;
+            transform_scores<Tile, kNTiles>(s[mt], p, ctx, kKeepRows ? kept_rows[kKeepRows ? mt : 0] : make_row_info(ctx, row), n,
+                                            op.keys.keep, op.keys.bias, op.gathered ? op.keys.key : nullptr,
+                                            op.qmask, row, 0);
+            softmax[mt].update(s[mt], acc_o[mt]);
+        }
 
-        // O += P V: P (16, kBlockN) as A fragments straight from the S accumulators.
+        // O += P V: P (16, kBlockN) per row tile as A fragments straight from the S accumulators;
+        // each V fragment feeds every row tile.
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            uint32_t a[4];
-            a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            uint32_t a[kTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < kTiles; ++mt) {
+                a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dd = 0; dd < kHeadDim / 16; ++dd) {
                 uint32_t bv[4];
                 ldmatrix_x4_trans(bv, smem_addr(op.v_tile + (kk * 16 + lane % 8 + (mi % 2) * 8) * kStride + dd * 16 +
                                                 (mi / 2) * 8));
-                mma_16816<T>(acc_o[2 * dd], a, bv[0], bv[1]);
-                mma_16816<T>(acc_o[2 * dd + 1], a, bv[2], bv[3]);
+#pragma unroll
+                for (int mt = 0; mt < kTiles; ++mt) {
+                    mma_16816<T>(acc_o[mt][2 * dd], a[mt], bv[0], bv[1]);
+                    mma_16816<T>(acc_o[mt][2 * dd + 1], a[mt], bv[2], bv[3]);
+                }
             }
         }
     }
 
-    __device__ __forceinline__ void finalize() { softmax.finalize(acc_o, lse); }
+    __device__ __forceinline__ void finalize() {
+#pragma unroll
+        for (int mt = 0; mt < kRowTiles; ++mt) softmax[mt].finalize(acc_o[mt], lse[mt]);
+    }
 
     // f(row, col, o[row][col], o[row][col + 1]) for every pair of O this thread holds.
     template <class F>
     __device__ __forceinline__ void for_each_output(const F &f) const {
         const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
+        for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
-            for (int d = 0; d < kDTiles; ++d) f(warp_row0 + gid + 8 * r, d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int d = 0; d < kDTiles; ++d)
+                    f(row0(mt) + gid + 8 * r, d * 8 + 2 * tig, acc_o[mt][d][2 * r], acc_o[mt][d][2 * r + 1]);
     }
     // f(row, lse[row]), once per row.
     template <class F>
     __device__ __forceinline__ void for_each_lse(const F &f) const {
         if (threadIdx.x % 4 != 0) return;
         const int gid = (threadIdx.x % 32) / 4;
-        f(warp_row0 + gid, lse[0]);
-        f(warp_row0 + gid + 8, lse[1]);
+#pragma unroll
+        for (int mt = 0; mt < kRowTiles; ++mt) {
+            f(row0(mt) + gid, lse[mt][0]);
+            f(row0(mt) + gid + 8, lse[mt][1]);
+        }
     }
 };
 

@@ -18,7 +18,8 @@
 
 namespace fdm {
 
-constexpr int kBitmapWarps = 4;  // warps (words) per CTA
+constexpr int kBitmapWarps = 4;                     // warps (words) per CTA
+constexpr int kLaneQueries = kFwdMaxBlockM / 32;    // queries per lane: a block's rows hold at most kFwdMaxBlockM
 
 // Whether mask row `row_off` (element offset of key 0) keeps any key j in [j0, j_end). Byte masks
 // with unit key stride are read 16 keys at a time where the 16 bytes are aligned and inside the
@@ -68,14 +69,14 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
 
     uint32_t bits = 0;
     const int P = plan.heads_per_cta;
-    const int64_t rows = seq.len_q * P, m0 = static_cast<int64_t>(m_block) * kFwdBlockM;
+    const int64_t rows = seq.len_q * P, m0 = static_cast<int64_t>(m_block) * plan.block_m;
     if (m0 < rows) {
-        // This lane's queries of the block: q_first + lane and q_first + lane + 32 (<= q_last).
-        const int64_t q_first = m0 / P, q_last = (min_i64(m0 + kFwdBlockM, rows) - 1) / P;
-        int64_t row_off[2];
-        int last_key[2];  // last visible key of the query, -1 for none (past q_last)
+        // This lane's queries of the block: q_first + lane + 32 k (<= q_last).
+        const int64_t q_first = m0 / P, q_last = (min_i64(m0 + plan.block_m, rows) - 1) / P;
+        int64_t row_off[kLaneQueries];
+        int last_key[kLaneQueries];  // last visible key of the query, -1 for none (past q_last)
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
+        for (int k = 0; k < kLaneQueries; ++k) {
             const int64_t i = q_first + lane + 32 * k;
             last_key[k] = -1;
             row_off[k] = 0;
@@ -90,8 +91,9 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
             if (j0 >= seq.len_k) break;
             bool any = false;
 #pragma unroll
-            for (int k = 0; k < 2; ++k)
-                any |= row_keeps_any(p.mask, row_off[k], j0, min(j0 + plan.block_n, last_key[k] + 1), p.max_seqlen_k);
+            for (int k = 0; k < kLaneQueries; ++k)
+                if (last_key[k] >= 0)
+                    any |= row_keeps_any(p.mask, row_off[k], j0, min(j0 + plan.block_n, last_key[k] + 1), p.max_seqlen_k);
             if (__any_sync(0xffffffffu, any)) bits |= 1u << t;
         }
     }

@@ -16,18 +16,28 @@
 
 namespace fdm {
 
-// Rows per CTA and keys per K/V tile, also read by the host's launch plan.
+// Rows per CTA and keys per K/V tile of each instantiation, also read by the host's launch plan.
 constexpr int kFwdWarps = 4;
-constexpr int kFwdBlockM = 16 * kFwdWarps;
 constexpr int fwd_block_n(int tile_head_dim) { return tile_head_dim <= 128 ? 64 : 32; }
+// 32 rows per warp in RowSplitMath (two 16-row MMA tiles: every K and V fragment loaded from
+// shared memory feeds two MMAs, half the ldmatrix traffic per FLOP of 16 rows) where 255 registers
+// hold two tiles' S and O without spilling: D <= 64 (at D = 96 and 128 ptxas spills inside the
+// tile loop, and D = 128 ran 18% slower on the H100, docs/notes.md). 16 rows per warp otherwise;
+// also for the key-split layout (kKeySplitRows rows at most) and a staged query mask (its block is
+// rows x kBlockN bytes per stage, and a block-sparse mask skips more tiles of shorter row blocks).
+constexpr int fwd_block_m(int tile_head_dim, bool key_split, bool staged_mask) {
+    return tile_head_dim <= 64 && !key_split && !staged_mask ? 32 * kFwdWarps : 16 * kFwdWarps;
+}
+constexpr int kFwdMaxBlockM = 32 * kFwdWarps;  // the largest fwd_block_m
 
-// Tile shapes for one tile head dim (the head dim rounded up to a compiled size).
-template <int kHeadDim_>
+// Tile shapes for one tile head dim (the head dim rounded up to a compiled size) and row block.
+template <int kHeadDim_, int kBlockM_>
 struct FwdTile {
     static constexpr int kHeadDim = kHeadDim_;                  // D of the tile (>= the real D)
     static constexpr int kWarps = kFwdWarps;
     static constexpr int kThreads = 32 * kWarps;
-    static constexpr int kBlockM = kFwdBlockM;                  // rows per CTA, 16 per warp
+    static constexpr int kBlockM = kBlockM_;                    // rows per CTA
+    static constexpr int kRowTiles = kBlockM / (16 * kWarps);   // 16-row MMA tiles per warp (RowSplitMath)
     static constexpr int kBlockN = fwd_block_n(kHeadDim);       // keys per K/V tile
     static constexpr int kRowStride = kHeadDim + 8;             // shared row pitch (elements): +16 bytes
                                                                 // puts 8 consecutive rows in 8 distinct
@@ -63,6 +73,10 @@ struct FwdTile {
         return kSmemBytes + (key_split ? kExchangeBytes : 0) + (staged_mask ? kStages * kQMaskStageBytes : 0);
     }
 };
+
+// The tile of fwd_kernel<T, kHeadDim, kKeySplit, kStagedMask>.
+template <int kHeadDim, bool kKeySplit, bool kStagedMask>
+using FwdTileOf = FwdTile<kHeadDim, fwd_block_m(kHeadDim, kKeySplit, kStagedMask)>;
 
 // Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by
 // CTAs, 1 KB reserved per CTA); the launch plan sizes its waves with it.
