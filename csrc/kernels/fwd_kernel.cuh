@@ -1,8 +1,9 @@
 // fwd_kernel.cuh: the varlen attention forward kernel (SPEC.md section 1) on tensor cores.
 //
 // One CTA computes one (row block of kBlockM rows, head block, sequence b, key range) with 4
-// warps (kBlockM: fwd_block_m of the instantiation, tiles.cuh). A row is one (query, head) pair: with packed GQA (launch_plan.h) the P heads of a KV
-// group share a CTA, so row R is query R / P of head h0 + R % P; without it P = 1.
+// warps (kBlockM: fwd_block_m of the instantiation, tiles.cuh). A row is one (query, head) pair:
+// with packed GQA (launch_plan.h) the P heads of a KV group share a CTA, so row R is query R / P of
+// head h0 + R % P; without it P = 1.
 // For every visible key tile n (kBlockN keys) of the CTA's key range, Math (tile_math.cuh:
 // RowSplitMath or KeySplitMath, the plan's choice) computes S = Q K_n^T, the masked online softmax
 // and O += P V_n.
@@ -42,16 +43,20 @@ __global__ void __launch_bounds__(32 * kFwdWarps)
     idx /= plan.num_splits;
     const int P = plan.heads_per_cta;
     const int64_t head_blocks = p.num_heads / P;
-    int m_rev = 0;
-    if (!plan.rows_first) {
-        m_rev = static_cast<int>(idx % plan.num_m_blocks);
+    int64_t head_block, b, m_rev;
+    if (plan.rows_first) {
+        head_block = idx % head_blocks;
+        idx /= head_blocks;
+        b = idx % p.batch;
+        m_rev = idx / p.batch;
+    } else {
+        m_rev = idx % plan.num_m_blocks;
         idx /= plan.num_m_blocks;
+        head_block = idx % head_blocks;
+        b = idx / head_blocks;
     }
-    const int64_t h0 = (idx % head_blocks) * P;  // first query head of the CTA
-    idx /= head_blocks;
-    const int64_t b = plan.rows_first ? idx % p.batch : idx;
-    if (plan.rows_first) m_rev = static_cast<int>(idx / p.batch);
-    const int m_block = plan.num_m_blocks - 1 - m_rev;
+    const int64_t h0 = head_block * P;  // first query head of the CTA
+    const int m_block = plan.num_m_blocks - 1 - static_cast<int>(m_rev);
     const int64_t group = p.num_heads / p.num_heads_k;
 
     MaskContext ctx;

@@ -59,13 +59,12 @@ struct RowSplitMath {
     __device__ __forceinline__ static int row0(int mt) { return 16 * (static_cast<int>(threadIdx.x / 32) + kWarps * mt); }
 
     __device__ __forceinline__ RowSplitMath(const MaskContext &ctx, int valid_rows, unsigned char *) {
+        zero_fragments(acc_o);
         warp_tiles = 0;
 #pragma unroll
         for (int mt = 0; mt < kRowTiles; ++mt) {
             if (row0(mt) < valid_rows) warp_tiles = mt + 1;
             if constexpr (kKeepRows) kept_rows[mt] = make_row_info(ctx, row0(mt) + (threadIdx.x % 32) / 4);
-#pragma unroll
-            for (int d = 0; d < kDTiles; ++d) acc_o[mt][d][0] = acc_o[mt][d][1] = acc_o[mt][d][2] = acc_o[mt][d][3] = 0.f;
         }
     }
 
@@ -86,10 +85,7 @@ struct RowSplitMath {
 
         // S = Q K^T: (16, kBlockN) per row tile; each K fragment feeds every row tile.
         float s[kTiles][kNTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < kTiles; ++mt)
-#pragma unroll
-            for (int t = 0; t < kNTiles; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+        zero_fragments(s);
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk) {
             uint32_t a[kTiles][4];
@@ -113,7 +109,7 @@ struct RowSplitMath {
 #pragma unroll
         for (int mt = 0; mt < kTiles; ++mt) {
             const int row = row0(mt) + lane / 4;
-            transform_scores<Tile, kNTiles>(s[mt], p, ctx, kKeepRows ? kept_rows[kKeepRows ? mt : 0] : make_row_info(ctx, row), n,
+            transform_scores<Tile, kNTiles>(s[mt], p, ctx, kKeepRows ? kept_rows[mt] : make_row_info(ctx, row), n,
                                             op.keys.keep, op.keys.bias, op.gathered ? op.keys.key : nullptr,
                                             op.qmask, row, 0);
             softmax[mt].update(s[mt], acc_o[mt]);
@@ -205,12 +201,9 @@ struct KeySplitMath {
         col0 = warp * kWarpCols;
         p_s = reinterpret_cast<T *>(exchange);
         red_s = reinterpret_cast<float *>(p_s + kKeySplitRows * kPStride);
+        zero_fragments(acc_o);
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-            rows[mt] = make_row_info(ctx, 16 * mt + gid);
-#pragma unroll
-            for (int d = 0; d < kDTiles; ++d) acc_o[mt][d][0] = acc_o[mt][d][1] = acc_o[mt][d][2] = acc_o[mt][d][3] = 0.f;
-        }
+        for (int mt = 0; mt < kMTiles; ++mt) rows[mt] = make_row_info(ctx, 16 * mt + gid);
     }
 
     // Every thread of the CTA calls it (two barriers inside).
@@ -219,10 +212,7 @@ struct KeySplitMath {
 
         // S = Q K^T: (16 m_tiles, kWarpKeys) per warp, K fragments shared by the row tiles.
         float s[kMTiles][kNTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-            for (int t = 0; t < kNTiles; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+        zero_fragments(s);
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk) {
             uint32_t b[kNTiles][2];

@@ -194,6 +194,15 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// x = 0 for a (kM, kN) array of MMA accumulator fragments (S or O tiles).
+template <int kM, int kN>
+__device__ __forceinline__ void zero_fragments(float (&x)[kM][kN][4]) {
+#pragma unroll
+    for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int n = 0; n < kN; ++n) x[m][n][0] = x[m][n][1] = x[m][n][2] = x[m][n][3] = 0.f;
+}
+
 // Two floats rounded to one 32-bit register of T pairs (lo = a, hi = b).
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float a, float b);
