@@ -2,7 +2,8 @@
 
 FLASH_DMATTN_BUILD=cpu|cuda|auto (default auto) picks the flavour: auto builds the CUDA
 kernels when torch is a CUDA build and nvcc is found, the CPU-only library otherwise.
-TORCH_CUDA_ARCH_LIST overrides the CUDA targets (default "8.0;9.0"); MAX_JOBS the parallelism.
+TORCH_CUDA_ARCH_LIST overrides the CUDA targets (default "8.0;9.0a": sm_90a carries the Hopper
+warpgroup kernels, which a plain "9.0" build leaves out); MAX_JOBS the parallelism.
 """
 
 import glob
@@ -31,7 +32,8 @@ def extension():
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++17 or C++20)
     if not want_cuda():
         return cpp_extension.CppExtension("flash_dmattn._C", sources, extra_compile_args={"cxx": cxx_flags})
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
     sources += ["csrc/kernels/fdm_launch.cu", "csrc/kernels/combine.cu", "csrc/kernels/key_gather.cu",
                 "csrc/kernels/tile_visibility.cu"]
     sources += sorted(glob.glob("csrc/kernels/instantiations/*.cu", root_dir=HERE))
@@ -40,7 +42,7 @@ def extension():
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return cpp_extension.CUDAExtension(
         "flash_dmattn._C", sources,
-        define_macros=[("FDM_WITH_CUDA", None)],
+        define_macros=[("FDM_WITH_CUDA", None)] + ([("FDM_WITH_SM90A", None)] if "9.0a" in arch_list else []),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
 
 

@@ -5,7 +5,7 @@
 #
 #   bash dev/gpu_run.sh            # everything
 #   SKIP_BENCH=1 bash dev/gpu_run.sh
-#   PYTEST_ARGS="-k cuda tests" SKIP_SANITIZER=1 FDM_ARCH_LIST=9.0 bash dev/gpu_run.sh
+#   PYTEST_ARGS="-k cuda tests" SKIP_SANITIZER=1 FDM_ARCH_LIST=9.0a bash dev/gpu_run.sh
 #   BENCH_SUITES="decode prefill" BENCH_ARGS="--quick --no-probe" bash dev/gpu_run.sh
 #   NCU_CASES="decode-a decode-c" SKIP_BENCH=1 PYTEST_ARGS=--co bash dev/gpu_run.sh
 set -uo pipefail
@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/fdm_out}
 mkdir -p "$OUT"
 # The device image presets TORCH_CUDA_ARCH_LIST (9.0a) and a g++ wrapper (/opt/gcc) whose inline
 # iostream code crashed against the loaded libstdc++ (a segfault in every error message): set both.
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${FDM_ARCH_LIST:-"8.0;9.0"}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${FDM_ARCH_LIST:-"8.0;9.0a"}
 export CC=gcc CXX=g++ LDSHARED="g++ -shared"
 summary=()
 

@@ -4,6 +4,7 @@ reads on every call, and checked against the float64 reference:
 - FLASH_DMATTN_NUM_SPLITS=n: split-KV with n key ranges per row block (merged by the combine kernel);
 - FLASH_DMATTN_GATHER_KEYS=1/0: the gathered-key path for key-based masks on / off;
 - FLASH_DMATTN_KEY_SPLIT=1/0: the warps split each key tile (blocks of <= 32 rows) / the rows;
+- FLASH_DMATTN_WARPGROUPS=1/0: the Hopper warpgroup (wgmma) layout wherever it applies / never;
 - packed GQA (no override): taken when the mask/bias do not vary across a group's query heads
   (h' in {1, H_k} or query-based) and max_seqlen_q * G <= 128, i.e. the GQA/MQA decode cases here.
 
@@ -39,6 +40,7 @@ from conftest import (
 NUM_SPLITS = "FLASH_DMATTN_NUM_SPLITS"
 GATHER_KEYS = "FLASH_DMATTN_GATHER_KEYS"
 KEY_SPLIT = "FLASH_DMATTN_KEY_SPLIT"
+WARPGROUPS = "FLASH_DMATTN_WARPGROUPS"
 
 DEVICE_DTYPES = device_dtype_params(cpu=[torch.float32])
 SPLITS = [1, 2, 7, 64]
@@ -78,9 +80,10 @@ def no_overrides(monkeypatch):
     use_paths(monkeypatch)
 
 
-def use_paths(monkeypatch, splits=None, gather=None, key_split=None):
-    """Sets FLASH_DMATTN_NUM_SPLITS / _GATHER_KEYS / _KEY_SPLIT; None unsets (the heuristic)."""
-    for name, value in ((NUM_SPLITS, splits), (GATHER_KEYS, gather), (KEY_SPLIT, key_split)):
+def use_paths(monkeypatch, splits=None, gather=None, key_split=None, warpgroups=None):
+    """Sets FLASH_DMATTN_NUM_SPLITS / _GATHER_KEYS / _KEY_SPLIT / _WARPGROUPS; None unsets (the heuristic)."""
+    for name, value in ((NUM_SPLITS, splits), (GATHER_KEYS, gather), (KEY_SPLIT, key_split),
+                        (WARPGROUPS, warpgroups)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
@@ -385,21 +388,72 @@ def test_paths_agree(monkeypatch, device, dtype, shape, mask_heads, causal):
 # 5. The warps' layouts (csrc/kernels/tile_math.cuh)
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key_split", [0, 1], ids=["rows", "keys"])
+# (key_split, warpgroups) of each layout of the CTA's threads.
+LAYOUTS = {"rows": (0, 0), "keys": (1, 0), "warpgroups": (0, 1)}
+
+
+def on_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("device,dtype,head_dim", per_device(
     cpu=[(64,)], cuda=[(d,) for d in (32, 64, 80, 96, 128, 192, 256)], ids=lambda d: f"d{d}"))
-def test_warp_layouts(monkeypatch, device, dtype, head_dim, heads, key_split):
-    """Decode batches through both layouts of the warps: the key split (every warp takes a slice of
-    each key tile and of the head dim; its odd cases are D = 32 and 96, one or three 8-column tiles
-    per warp, and D = 192 and 256, 8 keys per warp) and the row split. Each operand variant once,
-    causal or not, at the heuristic's split count or at 7 splits (fresh inputs per check)."""
+def test_warp_layouts(monkeypatch, device, dtype, head_dim, heads, layout):
+    """Decode batches through the three layouts of the CTA's threads: the key split (every warp
+    takes a slice of each key tile and of the head dim; its odd cases are D = 32 and 96, one or
+    three 8-column tiles per warp, and D = 192 and 256, 8 keys per warp), the row split, and the
+    warpgroup layout (on Hopper, for D = 64, 128 and 256 and no query-based mask; elsewhere the
+    override falls back to the row split). Each operand variant once, causal or not, at the
+    heuristic's split count or at 7 splits (fresh inputs per check)."""
     num_heads, num_heads_k = HEADS[heads]
+    key_split, warpgroups = LAYOUTS[layout]
     for i, operands in enumerate(OPERANDS):
-        use_paths(monkeypatch, key_split=key_split, splits=None if i < 2 else 7)
+        use_paths(monkeypatch, key_split=key_split, warpgroups=warpgroups, splits=None if i < 2 else 7)
         batch = make_batch(DECODE_SEQLENS[device], num_heads, num_heads_k, head_dim, dtype, device)
         out, lse = run_and_check(batch, is_causal=i % 2 == 1, **make_operands(batch, operands))
         assert_empty_key_sequences_hidden(batch, out, lse)
+
+
+# Prefill-shaped operands of the warpgroup layout: key-based mask and bias staged per tile, a
+# query-based bias read per element, and none.
+PREFILL_OPERANDS = {
+    "key_shared": (("key", "H_k"), ("key", "1")),
+    "key_per_head": (("key", "H"), ("key", "H_k")),
+    "query_bias": (("key", "1"), ("query", "H_k")),
+    "none": (None, None),
+}
+# Prefill lengths on no tile boundary: a long sequence, Lq > Lk (causal rows that see no key), an
+# empty key sequence, an empty query sequence, one key, and a 64-row tail (one warpgroup's rows).
+WARPGROUP_SEQLENS = [(700, 1337), (1100, 300), (130, 0), (0, 77), (1, 1), (64, 200), (193, 193)]
+
+
+@pytest.mark.parametrize("operands", list(PREFILL_OPERANDS))
+@CAUSAL
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("device,dtype,head_dim", per_device(
+    cpu=[(64,)], cuda=[(d,) for d in (64, 128, 256, 40)], ids=lambda d: f"d{d}"))
+def test_warpgroup_layout_prefill(monkeypatch, device, dtype, head_dim, heads, causal, operands):
+    """Prefill batches through the warpgroup layout (D = 40 runs in the D = 64 tile with zero-filled
+    columns) and through the row split, each against the float64 reference, at the heuristic's
+    split count and gather choice, then forced to 3 splits over gathered keys. On Hopper the two
+    layouts must also differ somewhere by rounding (128-key tiles against 64), which shows the
+    warpgroup kernel, not the row split, produced the first result."""
+    num_heads, num_heads_k = HEADS[heads]
+    mask_spec, bias_spec = PREFILL_OPERANDS[operands]
+    seqlens = WARPGROUP_SEQLENS if device == "cuda" else [(70, 133), (110, 30), (13, 0), (0, 7), (64, 20)]
+    for splits, gather in ((None, None), (3, 1)):
+        batch = make_batch(seqlens, num_heads, num_heads_k, head_dim, dtype, device)
+        kwargs = dict(attn_mask=make_operand("mask", batch, mask_spec, density=0.5),
+                      attn_bias=make_operand("bias", batch, bias_spec), is_causal=causal)
+        use_paths(monkeypatch, warpgroups=1, splits=splits, gather=gather)
+        out, lse = run_and_check(batch, **kwargs)
+        assert_empty_key_sequences_hidden(batch, out, lse)
+        use_paths(monkeypatch, warpgroups=0, splits=splits, gather=gather)
+        rows_out, rows_lse = run_and_check(batch, **kwargs)
+        if device == "cuda" and on_hopper():
+            assert not torch.equal(out, rows_out), "FLASH_DMATTN_WARPGROUPS=1 did not change the kernel"
 
 
 # ----------------------------------------------------------------------------------------------

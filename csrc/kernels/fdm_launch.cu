@@ -1,6 +1,6 @@
 // fdm_launch.cu: the plain-C entry points of the CUDA forward. Plans the launch (launch_plan.h),
 // picks the instantiation (dtype x tile head dim: the head dim rounded up to 32, 64, 96, 128, 192
-// or 256, x warp layout x staged query mask or not), launches it: first the key compaction when gathering or the tile test of
+// or 256, x layout: rows, keys or warpgroups, x staged query mask or not), launches it: first the key compaction when gathering or the tile test of
 // a query-based mask, then the forward, then with split-KV the combine kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,51 +19,79 @@ int device_attribute(cudaDeviceAttr attr) {
     return value;
 }
 
-// Row block and shared memory of the instantiation for (tile head dim, warp layout, staged mask).
+// Row block, key tile and shared memory of the instantiation for (tile head dim, layout, staged mask).
 struct FwdShape {
-    int block_m, smem_bytes;
+    int block_m, block_n, smem_bytes;
 };
-template <int kHeadDim, bool kKeySplit, bool kStagedMask>
+template <int kHeadDim, fdm::FwdLayout kLayout, bool kStagedMask>
 FwdShape shape_of() {
-    using Tile = fdm::FwdTileOf<kHeadDim, kKeySplit, kStagedMask>;
-    return {Tile::kBlockM, Tile::smem_bytes(kKeySplit, kStagedMask)};
+    using Tile = fdm::FwdTileOf<kHeadDim, kLayout, kStagedMask>;
+    return {Tile::kBlockM, Tile::kBlockN, Tile::smem_bytes(kLayout == fdm::FwdLayout::kKeys, kStagedMask)};
 }
 template <int kHeadDim>
-FwdShape shape_of(bool key_split, bool staged_mask) {
-    if (staged_mask) return key_split ? shape_of<kHeadDim, true, true>() : shape_of<kHeadDim, false, true>();
-    return key_split ? shape_of<kHeadDim, true, false>() : shape_of<kHeadDim, false, false>();
+FwdShape shape_of(fdm::FwdLayout layout, bool staged_mask) {
+    using fdm::FwdLayout;
+    if constexpr (fdm::is_warpgroup_head_dim(kHeadDim)) {
+        if (layout == FwdLayout::kWarpgroups) return shape_of<kHeadDim, FwdLayout::kWarpgroups, false>();
+    }
+    if (layout == FwdLayout::kKeys)
+        return staged_mask ? shape_of<kHeadDim, FwdLayout::kKeys, true>() : shape_of<kHeadDim, FwdLayout::kKeys, false>();
+    return staged_mask ? shape_of<kHeadDim, FwdLayout::kRows, true>() : shape_of<kHeadDim, FwdLayout::kRows, false>();
 }
-FwdShape fwd_shape(int tile_head_dim, bool key_split, bool staged_mask) {
+FwdShape fwd_shape(int tile_head_dim, fdm::FwdLayout layout, bool staged_mask) {
     switch (tile_head_dim) {
-        case 32: return shape_of<32>(key_split, staged_mask);
-        case 64: return shape_of<64>(key_split, staged_mask);
-        case 96: return shape_of<96>(key_split, staged_mask);
-        case 128: return shape_of<128>(key_split, staged_mask);
-        case 192: return shape_of<192>(key_split, staged_mask);
-        default: return shape_of<256>(key_split, staged_mask);
+        case 32: return shape_of<32>(layout, staged_mask);
+        case 64: return shape_of<64>(layout, staged_mask);
+        case 96: return shape_of<96>(layout, staged_mask);
+        case 128: return shape_of<128>(layout, staged_mask);
+        case 192: return shape_of<192>(layout, staged_mask);
+        default: return shape_of<256>(layout, staged_mask);
     }
 }
 
+// The warpgroup layout's kernels are real code only in a build for sm_90a (setup.py defines
+// FDM_WITH_SM90A then), and that code runs on compute capability 9.0 alone.
+bool warpgroups_available() {
+#ifdef FDM_WITH_SM90A
+    return device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+           device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
+#else
+    return false;
+#endif
+}
+
 // The key-split choice (blocks of at most kKeySplitRows rows) is the same for every row block of
-// 16 rows or more; it is made with the key-split instantiation's block, which it then uses.
+// 16 rows or more; it is made with the key-split instantiation's block, which it then uses. The
+// warpgroup layout replaces the row split where it is available (launch_plan.h, use_warpgroups).
 fdm::FwdPlan plan_for(const fdm_params &p) {
     const int tile_head_dim = fdm::tile_head_dim(p.head_dim);
     const bool key_split = fdm::use_key_split(p, fdm::fwd_block_m(tile_head_dim, true, false));
-    const FwdShape shape = fwd_shape(tile_head_dim, key_split, fdm::use_staged_query_mask(p));
-    fdm::FwdPlan plan = fdm::make_plan(p, shape.block_m, fdm::fwd_block_n(tile_head_dim),
-                                       device_attribute(cudaDevAttrMultiProcessorCount),
+    const bool warpgroups = fdm::use_warpgroups(p, key_split, fdm::is_warpgroup_head_dim(tile_head_dim),
+                                                warpgroups_available());
+    const fdm::FwdLayout layout = warpgroups ? fdm::FwdLayout::kWarpgroups
+                                             : key_split ? fdm::FwdLayout::kKeys : fdm::FwdLayout::kRows;
+    const FwdShape shape = fwd_shape(tile_head_dim, layout, fdm::use_staged_query_mask(p));
+    fdm::FwdPlan plan = fdm::make_plan(p, shape.block_m, shape.block_n, device_attribute(cudaDevAttrMultiProcessorCount),
                                        fdm::fwd_ctas_per_sm(shape.smem_bytes));
+    if (warpgroups) {
+        plan.warpgroups = 1;
+        plan.key_split = 0;
+    }
     plan.rows_first = fdm::use_rows_first(p, plan, device_attribute(cudaDevAttrL2CacheSize)) ? 1 : 0;
     return plan;
 }
 
 template <class T, int kHeadDim>
 int run_layout(const fdm_params &p, const fdm::FwdPlan &plan, cudaStream_t stream) {
+    using fdm::FwdLayout;
+    if constexpr (fdm::is_warpgroup_head_dim(kHeadDim)) {
+        if (plan.warpgroups) return fdm::run_fwd<T, kHeadDim, FwdLayout::kWarpgroups, false>(p, plan, stream);
+    }
     if (plan.staged_query_mask)
-        return plan.key_split ? fdm::run_fwd<T, kHeadDim, true, true>(p, plan, stream)
-                              : fdm::run_fwd<T, kHeadDim, false, true>(p, plan, stream);
-    return plan.key_split ? fdm::run_fwd<T, kHeadDim, true, false>(p, plan, stream)
-                          : fdm::run_fwd<T, kHeadDim, false, false>(p, plan, stream);
+        return plan.key_split ? fdm::run_fwd<T, kHeadDim, FwdLayout::kKeys, true>(p, plan, stream)
+                              : fdm::run_fwd<T, kHeadDim, FwdLayout::kRows, true>(p, plan, stream);
+    return plan.key_split ? fdm::run_fwd<T, kHeadDim, FwdLayout::kKeys, false>(p, plan, stream)
+                          : fdm::run_fwd<T, kHeadDim, FwdLayout::kRows, false>(p, plan, stream);
 }
 
 template <class T>

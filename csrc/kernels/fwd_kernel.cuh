@@ -1,12 +1,12 @@
 // fwd_kernel.cuh: the varlen attention forward kernel (SPEC.md section 1) on tensor cores.
 //
 // One CTA computes one (row block of kBlockM rows, head block, sequence b, key range) with 4
-// warps (kBlockM: fwd_block_m of the instantiation, tiles.cuh). A row is one (query, head) pair:
+// warps, or 2 warpgroups in the warpgroup layout (kBlockM: of the instantiation's tile, tiles.cuh). A row is one (query, head) pair:
 // with packed GQA (launch_plan.h) the P heads of a KV group share a CTA, so row R is query R / P of
 // head h0 + R % P; without it P = 1.
 // For every visible key tile n (kBlockN keys) of the CTA's key range, Math (tile_math.cuh:
-// RowSplitMath or KeySplitMath, the plan's choice) computes S = Q K_n^T, the masked online softmax
-// and O += P V_n.
+// RowSplitMath or KeySplitMath; warpgroup_math.cuh: WarpgroupMath; the plan's choice) computes
+// S = Q K_n^T, the masked online softmax and O += P V_n.
 // K/V tiles are double-buffered with cp.async: tile n+1 is in flight while tile n is computed.
 // Key tiles whose mask hides every pair are never loaded (a query-based mask's tiles are tested
 // up front by tile_visibility.cu), and with gathered keys a tile holds only visible keys
@@ -22,17 +22,21 @@
 #include "masking.cuh"
 #include "tile_math.cuh"
 #include "tiles.cuh"
+#include "warpgroup_math.cuh"
+#include "wgmma.cuh"
 
 namespace fdm {
 
-// kKeySplit: the plan's choice of KeySplitMath (true) or RowSplitMath. kStagedMask: the plan's
-// staged_query_mask (a query-based byte mask copied per tile into shared memory); a path of its
-// own, so that calls without one run code that does not carry it.
-template <class T, int kHeadDim, bool kKeySplit, bool kStagedMask>
-__global__ void __launch_bounds__(32 * kFwdWarps)
+// kLayout: the plan's layout (RowSplitMath, KeySplitMath or WarpgroupMath). kStagedMask: the
+// plan's staged_query_mask (a query-based byte mask copied per tile into shared memory); a path of
+// its own, so that calls without one run code that does not carry it.
+template <class T, int kHeadDim, FwdLayout kLayout, bool kStagedMask>
+__global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kThreads)
     fwd_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan) {
-    using Tile = FwdTileOf<kHeadDim, kKeySplit, kStagedMask>;
-    using Math = std::conditional_t<kKeySplit, KeySplitMath<T, Tile>, RowSplitMath<T, Tile>>;
+    constexpr bool kKeySplit = kLayout == FwdLayout::kKeys;
+    using Tile = FwdTileOf<kHeadDim, kLayout, kStagedMask>;
+    using Math = std::conditional_t<kLayout == FwdLayout::kWarpgroups, WarpgroupMath<T, Tile>,
+                                    std::conditional_t<kKeySplit, KeySplitMath<T, Tile>, RowSplitMath<T, Tile>>>;
     constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
 
     // The CTA order (launch_plan.h, use_rows_first), with row block m_block = num_m_blocks - 1 - m_rev:
@@ -84,10 +88,16 @@ __global__ void __launch_bounds__(32 * kFwdWarps)
     const GatheredKeys gathered = plan.gather ? GatheredKeys::of(p, plan, ctx) : GatheredKeys{nullptr, nullptr};
     const TileBitmap bitmap = plan.tile_bitmap ? TileBitmap::of(p, plan, ctx, m_block) : TileBitmap{nullptr, 0, 0};
 
-    extern __shared__ __align__(16) unsigned char smem[];
-    T *q_s = reinterpret_cast<T *>(smem);                                 // (kBlockM, kStride)
-    T *k_s = q_s + Tile::kQElems;                                         // (kStages, kBlockN, kStride)
-    T *v_s = k_s + Tile::kStages * Tile::kKVElems;                        // (kStages, kBlockN, kStride)
+    extern __shared__ __align__(16) unsigned char smem_start[];
+    unsigned char *smem = smem_start;
+    // The swizzled tiles of the warpgroup layout start at the next 1024-byte boundary (its tile's
+    // smem_bytes holds the slack).
+    if constexpr (kLayout == FwdLayout::kWarpgroups)
+        smem += (kSwizzleAlign - smem_addr(smem_start) % kSwizzleAlign) % kSwizzleAlign;
+    // Q/K/V tiles: (rows, kRowStride) padded, or (rows, kHeadDim) swizzled (Tile::offset).
+    T *q_s = reinterpret_cast<T *>(smem);                                 // (kBlockM, D)
+    T *k_s = q_s + Tile::kQElems;                                         // (kStages, kBlockN, D)
+    T *v_s = k_s + Tile::kStages * Tile::kKVElems;                        // (kStages, kBlockN, D)
     int64_t *row_s = reinterpret_cast<int64_t *>(v_s + Tile::kStages * Tile::kKVElems);  // (kStages, kBlockN)
     float *bias_s = reinterpret_cast<float *>(row_s + Tile::kStages * kBlockN);          // (kStages, kBlockN)
     int *key_s = reinterpret_cast<int *>(bias_s + Tile::kStages * kBlockN);              // (kStages, kBlockN)
@@ -149,6 +159,7 @@ __global__ void __launch_bounds__(32 * kFwdWarps)
         } else {
             cp_async_wait<0>();
         }
+        if constexpr (kLayout == FwdLayout::kWarpgroups) fence_proxy_async();  // tile n is read by wgmma
         __syncthreads();
         const TileOperands<T> op{q_s, k_s + stage * Tile::kKVElems, v_s + stage * Tile::kKVElems, key_stage(stage),
                                  qmask_stage(stage), plan.gather != 0};

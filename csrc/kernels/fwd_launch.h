@@ -11,10 +11,10 @@ namespace fdm {
 // Devices whose per-device launch state (the shared-memory opt-in) is cached; more are served uncached.
 constexpr int kMaxDevices = 64;
 
-// Launches fwd_kernel<T, kHeadDim, kKeySplit, kStagedMask> over the plan's grid on `stream`;
+// Launches fwd_kernel<T, kHeadDim, kLayout, kStagedMask> over the plan's grid on `stream`;
 // returns an fdm_status. Defined in fwd_launch_template.cuh, instantiated once per (T, kHeadDim,
-// kKeySplit, kStagedMask) in instantiations/.
-template <class T, int kHeadDim, bool kKeySplit, bool kStagedMask>
+// kLayout, kStagedMask) in instantiations/.
+template <class T, int kHeadDim, FwdLayout kLayout, bool kStagedMask>
 int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
 
 // Merges the plan's num_splits partial results in p.workspace into out and lse (combine.cu).

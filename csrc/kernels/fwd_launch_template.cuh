@@ -6,17 +6,17 @@
 
 namespace fdm {
 
-template <class T, int kHeadDim, bool kKeySplit, bool kStagedMask>
+template <class T, int kHeadDim, FwdLayout kLayout, bool kStagedMask>
 int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
-    using Tile = FwdTileOf<kHeadDim, kKeySplit, kStagedMask>;
-    constexpr int kSmemBytes = Tile::smem_bytes(kKeySplit, kStagedMask);
+    using Tile = FwdTileOf<kHeadDim, kLayout, kStagedMask>;
+    constexpr int kSmemBytes = Tile::smem_bytes(kLayout == FwdLayout::kKeys, kStagedMask);
     // One CTA per (key range, row block, head block, sequence); blocks past a sequence's end return at once.
     const int64_t num_ctas = static_cast<int64_t>(plan.num_splits) * plan.num_m_blocks *
                              (p.num_heads / plan.heads_per_cta) * p.batch;
     if (num_ctas == 0) return FDM_OK;
     if (num_ctas > 0x7fffffffLL) return FDM_ERR_GRID;
 
-    auto kernel = fwd_kernel<T, kHeadDim, kKeySplit, kStagedMask>;
+    auto kernel = fwd_kernel<T, kHeadDim, kLayout, kStagedMask>;
     // The shared-memory opt-in is per (function, device) and costs microseconds of host time:
     // done once per device (a benign race sets it twice at worst).
     static bool smem_configured[kMaxDevices] = {};

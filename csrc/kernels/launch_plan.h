@@ -31,6 +31,11 @@ constexpr int kWavesUniform = 1;       // a split grid holds about this many wav
 constexpr int kWavesMixed = 3;         // sequence has max_seqlen_k keys, and this many otherwise
 constexpr int kKeySplitRows = 32;      // rows of a block the key-split layout computes at most
 
+// How a CTA's threads share a key tile (fwd_kernel.cuh): RowSplitMath or KeySplitMath
+// (tile_math.cuh: 4 warps, mma.sync, any sm_80+ GPU) or WarpgroupMath (warpgroup_math.cuh: 2
+// warpgroups, wgmma, sm_90a only).
+enum class FwdLayout { kRows, kKeys, kWarpgroups };
+
 // Kernel argument: how the grid maps onto the problem.
 struct FwdPlan {
     int heads_per_cta;      // P: query heads packed into the rows of one CTA (G or 1)
@@ -40,7 +45,8 @@ struct FwdPlan {
     int gather;             // 1: key tiles are filled from the gathered key lists
     int tiles_per_chunk;    // kGatherChunk / kBlockN
     int max_chunks;         // ceil(max_seqlen_k / kGatherChunk)
-    int key_split;          // 1: KeySplitMath, 0: RowSplitMath (tile_math.cuh)
+    int key_split;          // 1: KeySplitMath, 0: RowSplitMath (tile_math.cuh) or WarpgroupMath
+    int warpgroups;         // 1: WarpgroupMath (warpgroup_math.cuh; use_warpgroups)
     int tile_bitmap;        // 1: a query-based mask's key tiles are tested up front (tile_visibility.cu)
     int block_m;            // rows per row block (kBlockM of the instantiation)
     int block_n;            // keys per key tile (kBlockN of the instantiation)
@@ -92,6 +98,18 @@ inline bool use_key_split(const fdm_params &p, int block_m) {
     return fits;
 }
 
+// The warpgroup layout (wgmma, warpgroup_math.cuh) for the blocks the row split would take
+// (prefill), where `available` (an sm_90a build on a Hopper GPU) and the tile head dim is one of
+// its tiles (64, 128, 256). Not under a query-based mask: its tile test and staged blocks are
+// built for the row split's 64 x 64 tiles, and a block-sparse mask hides fewer of the warpgroup
+// layout's 128 x 128 ones. FLASH_DMATTN_WARPGROUPS (p.force_warpgroups) overrides the choice
+// within those limits.
+inline bool use_warpgroups(const fdm_params &p, bool key_split, bool head_dim_ok, bool available) {
+    if (!available || !head_dim_ok || (p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY)) return false;
+    if (p.force_warpgroups >= 0) return p.force_warpgroups != 0;
+    return !key_split;
+}
+
 // The order of the CTAs. Either way a head's last row blocks (causal: the most keys) start first.
 // Sequences and heads outermost keeps the CTAs running at once on a few heads' K/V, which stay in
 // L2; row blocks outermost runs every sequence's and head's block m at once, so the longest
@@ -110,6 +128,7 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     FwdPlan plan;
     plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
     plan.key_split = use_key_split(p, block_m) ? 1 : 0;
+    plan.warpgroups = 0;  // the launcher sets it (use_warpgroups), knowing the GPU
     plan.block_m = block_m;
     plan.block_n = block_n;
     plan.tile_bitmap = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY && p.max_seqlen_k > 0 ? 1 : 0;

@@ -12,7 +12,10 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "launch_plan.h"
+#include "wgmma.cuh"
 
 namespace fdm {
 
@@ -72,11 +75,58 @@ struct FwdTile {
     static constexpr int smem_bytes(bool key_split, bool staged_mask) {
         return kSmemBytes + (key_split ? kExchangeBytes : 0) + (staged_mask ? kStages * kQMaskStageBytes : 0);
     }
+
+    // Element offset of (row, col) in a (kRows, kRowStride) shared tile: padded rows.
+    template <int kRows>
+    __device__ __forceinline__ static int offset(int row, int col) {
+        return row * kRowStride + col;
+    }
 };
 
-// The tile of fwd_kernel<T, kHeadDim, kKeySplit, kStagedMask>.
-template <int kHeadDim, bool kKeySplit, bool kStagedMask>
-using FwdTileOf = FwdTile<kHeadDim, fwd_block_m(kHeadDim, kKeySplit, kStagedMask)>;
+// Head dims of the warpgroup layout: whole 64-column swizzle blocks, and a PV MMA of N = D.
+constexpr bool is_warpgroup_head_dim(int tile_head_dim) {
+    return tile_head_dim == 64 || tile_head_dim == 128 || tile_head_dim == 256;
+}
+constexpr int warpgroup_block_n(int tile_head_dim) { return tile_head_dim <= 128 ? 128 : 64; }
+
+// Tile shapes of the warpgroup layout (warpgroup_math.cuh): 2 warpgroups, each 64 rows of the
+// block, so one CTA holds 128 rows; keys per tile chosen so S (64 x kBlockN) and O (64 x D) of a
+// warpgroup fit its registers: 64 + 64 floats per thread at D = 128, 32 + 128 at D = 256.
+template <int kHeadDim_>
+struct WarpgroupTile {
+    static_assert(is_warpgroup_head_dim(kHeadDim_), "warpgroup layout head dims: 64, 128, 256");
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr int kWarps = 8;
+    static constexpr int kThreads = 32 * kWarps;
+    static constexpr int kBlockM = 128;
+    static constexpr int kBlockN = warpgroup_block_n(kHeadDim);
+    static constexpr int kChunksPerRow = kHeadDim / 8;
+    static constexpr int kStages = 2;
+
+    // Shared memory, from a 1024-byte aligned start (every tile swizzled, wgmma.cuh):
+    //   q_s      (kBlockM, kHeadDim)                    Q tile
+    //   k_s      (kStages, kBlockN, kHeadDim)           K tiles
+    //   v_s      (kStages, kBlockN, kHeadDim)           V tiles
+    //   row_s, bias_s, key_s, keep_s                    per key column, as in FwdTile
+    static constexpr int kQElems = kBlockM * kHeadDim;
+    static constexpr int kKVElems = kBlockN * kHeadDim;
+    static constexpr int kKeyStageBytes = kBlockN * (8 + 4 + 4 + 1);
+    static constexpr int kSmemBytes =
+        kSwizzleAlign + 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;  // with the alignment slack
+    static constexpr int kQMaskStride = kBlockN + 16;  // named by transform_scores; no staged mask here
+    static constexpr int smem_bytes(bool, bool) { return kSmemBytes; }
+
+    template <int kRows>
+    __device__ __forceinline__ static int offset(int row, int col) {
+        return swizzled_offset<kRows>(row, col);
+    }
+};
+
+// The tile of fwd_kernel<T, kHeadDim, kLayout, kStagedMask>.
+template <int kHeadDim, FwdLayout kLayout, bool kStagedMask>
+using FwdTileOf =
+    std::conditional_t<kLayout == FwdLayout::kWarpgroups, WarpgroupTile<kHeadDim>,
+                       FwdTile<kHeadDim, fwd_block_m(kHeadDim, kLayout == FwdLayout::kKeys, kStagedMask)>>;
 
 // Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by
 // CTAs, 1 KB reserved per CTA); the launch plan sizes its waves with it.
@@ -112,7 +162,7 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Copies kRows rows into a (kRows, kRowStride) shared tile. row_ptr(r) is the global address of
+// Copies kRows rows into a (kRows, D) shared tile (laid out by Tile::offset). row_ptr(r) is the global address of
 // row r (head_dim elements, 16-byte aligned) or nullptr for a row to zero-fill; columns >= head_dim
 // become 0 too, so padded keys contribute 0 * 0 and never NaN. `any_valid` is any readable global
 // address (cp.async wants one even when it copies 0 bytes).
@@ -126,7 +176,7 @@ __device__ __forceinline__ void load_rows_async(T *s_tile, const RowPtr &row_ptr
         const int row = c / Tile::kChunksPerRow, col = (c % Tile::kChunksPerRow) * 8;
         const T *src = row_ptr(row);
         const bool valid = src != nullptr && col < head_dim;
-        cp_async_16(smem_addr(s_tile + row * Tile::kRowStride + col), valid ? src + col : any_valid, valid);
+        cp_async_16(smem_addr(s_tile + Tile::template offset<kRows>(row, col)), valid ? src + col : any_valid, valid);
     }
 }
 
@@ -148,7 +198,7 @@ __device__ __forceinline__ void load_kv_rows_async(T *k_tile, T *v_tile, const T
         const int row = c / Tile::kChunksPerRow, col = (c % Tile::kChunksPerRow) * 8;
         const bool valid = rows[it] >= 0 && col < head_dim;
         const int64_t r = valid ? rows[it] : 0;
-        const uint32_t dst = row * Tile::kRowStride + col;
+        const uint32_t dst = Tile::template offset<Tile::kBlockN>(row, col);
         cp_async_16(smem_addr(k_tile + dst), k_head + r * k_row_stride + (valid ? col : 0), valid);
         cp_async_16(smem_addr(v_tile + dst), v_head + r * v_row_stride + (valid ? col : 0), valid);
     }

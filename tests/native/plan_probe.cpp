@@ -25,6 +25,7 @@ int main() {
         p.force_num_splits = (int)force_splits;
         p.force_gather = (int)force_gather;
         p.force_key_split = -1;
+        p.force_warpgroups = -1;
         static const char mask_byte = 1;
         if (mask_layout >= 0) {
             p.mask.ptr = &mask_byte;

@@ -1,0 +1,115 @@
+// warpgroup_math.cuh: the math of one key tile in the warpgroup layout (sm_90a, wgmma).
+//
+// The CTA's 2 warpgroups (4 warps each) split the block's 128 rows: warpgroup wg owns rows
+// [64 wg, 64 wg + 64), warp w of it rows 64 wg + 16 w + [0, 16), every key of the tile and every
+// head-dim column of O. For the key tile n staged in shared memory (swizzled, wgmma.cuh):
+//   S = Q K_n^T       wgmma m64n{kBlockN}k16, Q and K read by the tensor cores from shared memory
+//   X = transform(S)  scale, softcap, bias, mask, causal, length (masking.cuh)
+//   P = online_softmax(X)   registers (softmax.cuh)
+//   O += P V_n        wgmma m64n{D}k16, P from registers (the S accumulators rounded to T), V
+//                     from shared memory read MN-major
+// S and O have the register layout of mma.sync's C fragments (wgmma_ops.cuh), so the masking and
+// the softmax are the ones RowSplitMath uses. Compared with it, a warp's rows need no ldmatrix of
+// Q, K or V (the tensor cores read shared memory themselves), and one wgmma covers 64 rows and
+// up to 256 columns, which mma.sync's 16 x 8 tiles cannot keep fed (docs/notes.md, version 13).
+// The interface is tile_math.cuh's: step() per tile, finalize(), for_each_output(), for_each_lse().
+#pragma once
+
+#include "../fdm_params.h"
+#include "key_tiles.cuh"
+#include "masking.cuh"
+#include "softmax.cuh"
+#include "tile_math.cuh"
+#include "tiles.cuh"
+#include "wgmma.cuh"
+
+namespace fdm {
+
+template <class T, class Tile>
+struct WarpgroupMath {
+    static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kHeadDim = Tile::kHeadDim;
+    static constexpr int kNTiles = kBlockN / 8;   // 8-key column tiles of S per warp
+    static constexpr int kDTiles = kHeadDim / 8;  // 8-column tiles of O per warp
+
+    float acc_o[kDTiles][4];  // O, rows row0() + (gid, gid + 8), columns 8d + 2tig + {0, 1}
+    OnlineSoftmax<kNTiles, kDTiles> softmax;
+    RowInfo rows;
+    bool active;              // this warpgroup holds rows of the block (uniform per warpgroup)
+    float lse[2];
+
+    __device__ __forceinline__ static int warpgroup() { return static_cast<int>(threadIdx.x / 128); }
+    // First row of this warp's 16.
+    __device__ __forceinline__ static int row0() {
+        return 64 * warpgroup() + 16 * static_cast<int>((threadIdx.x / 32) % 4);
+    }
+
+    __device__ __forceinline__ WarpgroupMath(const MaskContext &ctx, int valid_rows, unsigned char *) {
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
+        active = 64 * warpgroup() < valid_rows;
+        rows = make_row_info(ctx, row0() + (threadIdx.x % 32) / 4);
+    }
+
+    __device__ __forceinline__ void step(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx, int n) {
+        if (!active) return;  // a short last block: the second warpgroup has no rows
+        const int gid = (threadIdx.x % 32) / 4;
+
+        // S = Q K^T: (64, kBlockN) per warpgroup, kHeadDim / 16 MMAs of K = 16.
+        float s[kNTiles][4];
+        float(&s_flat)[kNTiles * 4] = reinterpret_cast<float(&)[kNTiles * 4]>(s);
+        const uint32_t q_rows = smem_addr(op.q_s) + warpgroup() * 64 * 128;  // this warpgroup's rows of each block
+        const uint32_t k_tile = smem_addr(op.k_tile);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk)
+            wgmma_qk<T, kBlockN>(s_flat, kmajor_descriptor<kBlockM>(q_rows, kk), kmajor_descriptor<kBlockN>(k_tile, kk),
+                                 kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(s_flat);
+
+        // X = transform(S) in the log2 domain, then P; O is rescaled by the softmax.
+        transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
+                                        op.gathered ? op.keys.key : nullptr, nullptr, row0() + gid, 0);
+        softmax.update(s, acc_o);
+
+        // O += P V: P (64, kBlockN) as A fragments straight from the S accumulators.
+        uint32_t a[kBlockN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            a[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+            a[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+            a[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        float(&o_flat)[kDTiles * 4] = reinterpret_cast<float(&)[kDTiles * 4]>(acc_o);
+        const uint32_t v_tile = smem_addr(op.v_tile);
+        fence_registers(o_flat);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_pv<T, kHeadDim>(o_flat, a[kk], mnmajor_descriptor<kBlockN>(v_tile, kk));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(o_flat);
+    }
+
+    __device__ __forceinline__ void finalize() { softmax.finalize(acc_o, lse); }
+
+    template <class F>
+    __device__ __forceinline__ void for_each_output(const F &f) const {
+        const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d) f(row0() + gid + 8 * r, d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+    }
+    template <class F>
+    __device__ __forceinline__ void for_each_lse(const F &f) const {
+        if (threadIdx.x % 4 != 0) return;
+        const int gid = (threadIdx.x % 32) / 4;
+        f(row0() + gid, lse[0]);
+        f(row0() + gid + 8, lse[1]);
+    }
+};
+
+}  // namespace fdm

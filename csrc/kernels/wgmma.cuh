@@ -1,0 +1,85 @@
+// wgmma.cuh: the sm_90a pieces of the warpgroup layout: the 128-byte swizzled shared-memory tiles
+// that wgmma reads, their matrix descriptors, and the fences around the asynchronous MMAs.
+//
+// A tile of kRows rows x D columns (16-bit elements, D a multiple of 64) is stored as D / 64
+// column blocks of (kRows, 64), each row 128 bytes. Inside a block, the 16-byte chunk c of row r
+// sits at chunk c ^ (r % 8) (the hardware's 128-byte swizzle): the 8 rows of an 8 x 128-byte
+// atom hit 8 different bank groups, for cp.async writes and wgmma reads alike. Every tile starts
+// 1024-byte aligned (one atom), which the swizzle requires.
+//
+// Descriptors (PTX ISA, "matrix descriptor"): bits 0-13 start address >> 4, 16-29 leading byte
+// offset >> 4, 32-45 stride byte offset >> 4, 62-63 swizzle mode (1 = 128 bytes).
+//   K-major operand (Q and K for S = Q K^T: 16 contiguous K elements per row): the 8-row atoms
+//     are 1024 bytes apart (stride offset); the leading offset is unused. The 16-column step kk
+//     of a block starts 32 kk bytes into it.
+//   MN-major operand (V for O += P V: rows are keys = the K dimension, columns the head dim N):
+//     8-key groups 1024 bytes apart (stride offset), 64-column blocks kRows * 128 bytes apart
+//     (leading offset). The 16-key step kk starts 16 * 128 kk bytes in.
+#pragma once
+
+#include <stdint.h>
+
+#include "wgmma_ops.cuh"
+
+namespace fdm {
+
+constexpr int kSwizzleCols = 64;       // 16-bit elements per 128-byte swizzled row
+constexpr int kSwizzleAlign = 1024;    // bytes of one 8-row swizzle atom
+
+// Element offset of (row, col) in a swizzled (kRows, D) tile.
+template <int kRows>
+__device__ __forceinline__ int swizzled_offset(int row, int col) {
+    const int block = col / kSwizzleCols, chunk = (col % kSwizzleCols) / 8;
+    return block * (kRows * kSwizzleCols) + row * kSwizzleCols + ((chunk ^ (row % 8)) * 8) + col % 8;
+}
+
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t leading_bytes) {
+    constexpr uint64_t kSwizzle128 = 1ull << 62;
+    constexpr uint64_t kAtomStride = static_cast<uint64_t>(kSwizzleAlign >> 4) << 32;
+    return static_cast<uint64_t>((addr & 0x3ffff) >> 4) | (static_cast<uint64_t>(leading_bytes >> 4) << 16) |
+           kAtomStride | kSwizzle128;
+}
+// Step kk (16 columns) of a K-major (kRows, D) tile at shared address `tile`.
+template <int kRows>
+__device__ __forceinline__ uint64_t kmajor_descriptor(uint32_t tile, int kk) {
+    return smem_descriptor(tile + (kk / 4) * (kRows * 128) + (kk % 4) * 32, 16);
+}
+// Step kk (16 rows = keys) of an MN-major (kRows, D) tile at shared address `tile`.
+template <int kRows>
+__device__ __forceinline__ uint64_t mnmajor_descriptor(uint32_t tile, int kk) {
+    return smem_descriptor(tile + kk * 16 * 128, kRows * 128);
+}
+
+// Orders this warpgroup's register accesses before the wgmmas that follow (wgmma.fence).
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef FDM_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef FDM_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits until at most kPending committed groups of this warpgroup are in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef FDM_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+// Keeps the compiler from moving reads or writes of d across the asynchronous MMA's issue or wait.
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Makes this thread's generic-proxy writes to shared memory (cp.async included) visible to the
+// async proxy that wgmma reads through; a CTA barrier after it publishes them to every thread.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef FDM_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+}  // namespace fdm
