@@ -19,14 +19,16 @@ int device_attribute(cudaDeviceAttr attr) {
     return value;
 }
 
-// Row block, key tile and shared memory of the instantiation for (tile head dim, layout, staged mask).
+// Row block, key tile and resident CTAs per SM of the instantiation for (tile head dim, layout,
+// staged mask).
 struct FwdShape {
-    int block_m, block_n, smem_bytes;
+    int block_m, block_n, ctas_per_sm;
 };
 template <int kHeadDim, fdm::FwdLayout kLayout, bool kStagedMask>
 FwdShape shape_of() {
     using Tile = fdm::FwdTileOf<kHeadDim, kLayout, kStagedMask>;
-    return {Tile::kBlockM, Tile::kBlockN, Tile::smem_bytes(kLayout == fdm::FwdLayout::kKeys, kStagedMask)};
+    const int by_smem = fdm::fwd_ctas_per_sm(Tile::smem_bytes(kLayout == fdm::FwdLayout::kKeys, kStagedMask));
+    return {Tile::kBlockM, Tile::kBlockN, by_smem < Tile::kMaxCtasPerSm ? by_smem : Tile::kMaxCtasPerSm};
 }
 template <int kHeadDim>
 FwdShape shape_of(fdm::FwdLayout layout, bool staged_mask) {
@@ -72,7 +74,7 @@ fdm::FwdPlan plan_for(const fdm_params &p) {
                                              : key_split ? fdm::FwdLayout::kKeys : fdm::FwdLayout::kRows;
     const FwdShape shape = fwd_shape(tile_head_dim, layout, fdm::use_staged_query_mask(p));
     fdm::FwdPlan plan = fdm::make_plan(p, shape.block_m, shape.block_n, device_attribute(cudaDevAttrMultiProcessorCount),
-                                       fdm::fwd_ctas_per_sm(shape.smem_bytes));
+                                       shape.ctas_per_sm);
     if (warpgroups) {
         plan.warpgroups = 1;
         plan.key_split = 0;

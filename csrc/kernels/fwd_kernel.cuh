@@ -151,22 +151,41 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     int n = next_visible(n_begin, stage);
     if (n < n_stop) load_kv_async(n, stage);
 
-    while (n < n_stop) {
-        const int n_next = next_visible(n + 1, stage ^ 1);
-        if (n_next < n_stop) {
-            load_kv_async(n_next, stage ^ 1);
-            cp_async_wait<1>();
-        } else {
+    const auto operands = [&](int stage) {
+        return TileOperands<T>{q_s, k_s + stage * Tile::kKVElems, v_s + stage * Tile::kKVElems, key_stage(stage),
+                               qmask_stage(stage), plan.gather != 0};
+    };
+    if constexpr (kLayout == FwdLayout::kWarpgroups) {
+        // One barrier per tile: it publishes tile n (landed, and fenced for the tensor cores' reads)
+        // and tells that every warpgroup is done with tile n - 1, whose stage the next visible tile
+        // then refills; the step starts that copy once its own S = Q K^T is under way.
+        while (n < n_stop) {
             cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads();
+            int n_next = n_stop;
+            math.step(operands(stage), p, ctx, n, [&] {
+                n_next = next_visible(n + 1, stage ^ 1);
+                if (n_next < n_stop) load_kv_async(n_next, stage ^ 1);
+            });
+            n = n_next;
+            stage ^= 1;
         }
-        if constexpr (kLayout == FwdLayout::kWarpgroups) fence_proxy_async();  // tile n is read by wgmma
-        __syncthreads();
-        const TileOperands<T> op{q_s, k_s + stage * Tile::kKVElems, v_s + stage * Tile::kKVElems, key_stage(stage),
-                                 qmask_stage(stage), plan.gather != 0};
-        math.step(op, p, ctx, n);
-        __syncthreads();  // every warp is done with `stage` before it is refilled
-        n = n_next;
-        stage ^= 1;
+    } else {
+        while (n < n_stop) {
+            const int n_next = next_visible(n + 1, stage ^ 1);
+            if (n_next < n_stop) {
+                load_kv_async(n_next, stage ^ 1);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+            math.step(operands(stage), p, ctx, n);
+            __syncthreads();  // every warp is done with `stage` before it is refilled
+            n = n_next;
+            stage ^= 1;
+        }
     }
     cp_async_wait<0>();  // the Q copy, when no key tile was visible
 

@@ -77,6 +77,8 @@ struct FwdTile {
     }
 
     // Element offset of (row, col) in a (kRows, kRowStride) shared tile: padded rows.
+    static constexpr int kMaxCtasPerSm = 8;  // no register cap: the plan counts shared memory alone here
+
     template <int kRows>
     __device__ __forceinline__ static int offset(int row, int col) {
         return row * kRowStride + col;
@@ -115,6 +117,9 @@ struct WarpgroupTile {
         kSwizzleAlign + 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;  // with the alignment slack
     static constexpr int kQMaskStride = kBlockN + 16;  // named by transform_scores; no staged mask here
     static constexpr int smem_bytes(bool, bool) { return kSmemBytes; }
+    // Resident CTAs per SM: ptxas gives these kernels ~255 registers a thread (capping them at 128
+    // for two CTAs of D = 64 spilled 1.7 KB), so registers allow one, whatever the shared memory.
+    static constexpr int kMaxCtasPerSm = 1;
 
     template <int kRows>
     __device__ __forceinline__ static int offset(int row, int col) {

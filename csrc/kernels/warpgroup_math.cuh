@@ -35,7 +35,12 @@ struct WarpgroupMath {
     OnlineSoftmax<kNTiles, kDTiles> softmax;
     RowInfo rows;
     bool active;              // this warpgroup holds rows of the block (uniform per warpgroup)
+    bool pingpong;            // both warpgroups hold rows (uniform per CTA): their steps are staggered
     float lse[2];
+
+    // Named barrier of the stagger (0 is __syncthreads'): warpgroup 0 arrives once its S MMAs are
+    // issued, warpgroup 1 waits for that before it issues its own.
+    static constexpr int kStaggerBarrier = 1;
 
     __device__ __forceinline__ static int warpgroup() { return static_cast<int>(threadIdx.x / 128); }
     // First row of this warp's 16.
@@ -47,11 +52,21 @@ struct WarpgroupMath {
 #pragma unroll
         for (int d = 0; d < kDTiles; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
         active = 64 * warpgroup() < valid_rows;
+        pingpong = valid_rows > 64;
         rows = make_row_info(ctx, row0() + (threadIdx.x % 32) / 4);
     }
 
-    __device__ __forceinline__ void step(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx, int n) {
-        if (!active) return;  // a short last block: the second warpgroup has no rows
+    // The step of tile n. issue_next() (the next tile's staging and K/V copies; it may hold CTA
+    // barriers) is called exactly once by every thread, while this warpgroup's S MMAs run.
+    // The warpgroups are staggered so that one's softmax runs while the other's MMAs use the
+    // tensor cores: S_0 | S_1, softmax_0 | O_0 += P_0 V, softmax_1 | O_1 += P_1 V.
+    template <class IssueNext>
+    __device__ __forceinline__ void step(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx, int n,
+                                         const IssueNext &issue_next) {
+        if (!active) {  // a short last block: the second warpgroup has no rows
+            issue_next();
+            return;
+        }
         const int gid = (threadIdx.x % 32) / 4;
 
         // S = Q K^T: (64, kBlockN) per warpgroup, kHeadDim / 16 MMAs of K = 16.
@@ -59,12 +74,15 @@ struct WarpgroupMath {
         float(&s_flat)[kNTiles * 4] = reinterpret_cast<float(&)[kNTiles * 4]>(s);
         const uint32_t q_rows = smem_addr(op.q_s) + warpgroup() * 64 * 128;  // this warpgroup's rows of each block
         const uint32_t k_tile = smem_addr(op.k_tile);
+        if (pingpong && warpgroup() == 1) named_barrier_sync(kStaggerBarrier, 256);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk)
             wgmma_qk<T, kBlockN>(s_flat, kmajor_descriptor<kBlockM>(q_rows, kk), kmajor_descriptor<kBlockN>(k_tile, kk),
                                  kk > 0);
         wgmma_commit();
+        if (pingpong && warpgroup() == 0) named_barrier_arrive(kStaggerBarrier, 256);
+        issue_next();
         wgmma_wait<0>();
         fence_registers(s_flat);
 

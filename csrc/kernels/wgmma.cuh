@@ -74,6 +74,14 @@ __device__ __forceinline__ void fence_registers(float (&d)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// Named barrier `id` (1..15; 0 is __syncthreads') over `threads` threads of the CTA: sync waits
+// until that many have arrived or synced, arrive counts this warp without waiting.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 // Makes this thread's generic-proxy writes to shared memory (cp.async included) visible to the
 // async proxy that wgmma reads through; a CTA barrier after it publishes them to every thread.
 __device__ __forceinline__ void fence_proxy_async() {
