@@ -44,6 +44,7 @@ def scatter_pages(x, cu_k, table, page_size):
 def run_case(lens, H, H_k, D, dtype, mask_kind, mask_heads, bias_kind, bias_heads, causal, env=None, page_size=0):
     os.environ.pop("FLASH_DMATTN_NUM_SPLITS", None)
     os.environ.pop("FLASH_DMATTN_GATHER_KEYS", None)
+    os.environ.pop("FLASH_DMATTN_WARPGROUPS", None)
     os.environ.update(env or {})
     cu_q = torch.tensor([0] + [q for q, _ in lens], device="cuda").cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + [k for _, k in lens], device="cuda").cumsum(0).to(torch.int32)
@@ -99,6 +100,15 @@ def main():
     for page_size in (1, 7, 64):
         cases.append(([(2, 700), (1, 65), (0, 30), (4, 0)], 8, 2, 128, torch.bfloat16, "key", 2, "key", 2, True,
                       gather if page_size == 7 else None, page_size))
+    # The warpgroup layout (Hopper; prefill blocks take it by default): forced onto decode blocks,
+    # over gathered keys with splits, paged, and its 64-row tail (one warpgroup idle).
+    warpgroups = {"FLASH_DMATTN_WARPGROUPS": "1"}
+    cases.append(([(1, 3001), (3, 1500), (0, 900), (2, 0)], 8, 2, 128, torch.bfloat16, "key", 8, "key", 1, True,
+                  warpgroups))
+    cases.append(([(200, 2100), (64, 700), (0, 10), (9, 0)], 4, 2, 256, torch.float16, "key", 2, "query", 4, True,
+                  {**warpgroups, **gather, "FLASH_DMATTN_NUM_SPLITS": "3"}))
+    cases.append(([(150, 700), (1, 65), (0, 30), (40, 0)], 8, 2, 64, torch.bfloat16, "key", 2, "key", 2, True,
+                  gather, 7))
     failures = 0
     for case in cases:
         ok, err = run_case(*case)

@@ -38,9 +38,8 @@ struct WarpgroupMath {
     bool pingpong;            // both warpgroups hold rows (uniform per CTA): their steps are staggered
     float lse[2];
 
-    // Named barrier of the stagger (0 is __syncthreads'): warpgroup 0 arrives once its S MMAs are
-    // issued, warpgroup 1 waits for that before it issues its own.
-    static constexpr int kStaggerBarrier = 1;
+    // The stagger (kStaggerBarrier): warpgroup 0 arrives once its S MMAs are issued, warpgroup 1
+    // waits for that before it issues its own.
 
     __device__ __forceinline__ static int warpgroup() { return static_cast<int>(threadIdx.x / 128); }
     // First row of this warp's 16.
