@@ -98,22 +98,20 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     T *q_s = reinterpret_cast<T *>(smem);                                 // (kBlockM, D)
     T *k_s = q_s + Tile::kQElems;                                         // (kStages, kBlockN, D)
     T *v_s = k_s + Tile::kStages * Tile::kKVElems;                        // (kStages, kBlockN, D)
-    // Per-key staging, (kStages, kKeyCopies, kBlockN) each; the layouts of 4 warps have one copy.
-    constexpr int kStaged = Tile::kStages * Tile::kKeyCopies * kBlockN;
-    int64_t *row_s = reinterpret_cast<int64_t *>(v_s + Tile::kStages * Tile::kKVElems);
-    float *bias_s = reinterpret_cast<float *>(row_s + kStaged);
-    int *key_s = reinterpret_cast<int *>(bias_s + kStaged);
-    uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + kStaged);
-    unsigned char *exchange = keep_s + kStaged;  // KeySplitMath's p_s, red_s
+    int64_t *row_s = reinterpret_cast<int64_t *>(v_s + Tile::kStages * Tile::kKVElems);  // (kStages, kBlockN)
+    float *bias_s = reinterpret_cast<float *>(row_s + Tile::kStages * kBlockN);          // (kStages, kBlockN)
+    int *key_s = reinterpret_cast<int *>(bias_s + Tile::kStages * kBlockN);              // (kStages, kBlockN)
+    uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + Tile::kStages * kBlockN);      // (kStages, kBlockN)
+    unsigned char *exchange = keep_s + Tile::kStages * kBlockN;                           // KeySplitMath's p_s, red_s
     const auto qmask_stage = [&](int stage) -> uint8_t * {  // qmask_s (kStages, kBlockM, kQMaskStride)
         if constexpr (kStagedMask)
             return exchange + (kKeySplit ? Tile::kExchangeBytes : 0) + stage * Tile::kQMaskStageBytes;
         else
             return nullptr;
     };
-    const auto key_stage = [&](int stage) {  // this thread's copy
-        const int at = (stage * Tile::kKeyCopies + (Tile::kKeyCopies > 1 ? threadIdx.x / 128 : 0)) * kBlockN;
-        return KeyStage{row_s + at, bias_s + at, key_s + at, keep_s + at};
+    const auto key_stage = [&](int stage) {
+        return KeyStage{row_s + stage * kBlockN, bias_s + stage * kBlockN, key_s + stage * kBlockN,
+                        keep_s + stage * kBlockN};
     };
 
     // Q rows of the block: row r is query (m0 + r) / P of head h0 + (m0 + r) % P.

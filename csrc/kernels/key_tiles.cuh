@@ -78,26 +78,18 @@ struct KeyColumn {
     uint32_t keep_bits;  // key-based mask of j as stored (1 when there is none to read)
 };
 
-// The key column a thread stages: its index in the CTA, or in its warpgroup when each warpgroup
-// stages a copy of its own (Tile::kKeyCopies = 2, the warpgroup layout).
-template <class Tile>
-__device__ __forceinline__ int staged_column() {
-    return Tile::kKeyCopies > 1 ? static_cast<int>(threadIdx.x % 128) : static_cast<int>(threadIdx.x);
-}
-
 template <class Tile>
 __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const FwdPlan &plan, const MaskContext &c,
                                                       const GatheredKeys &gathered, int n) {
     KeyColumn col;
     col.n = n;
-    const int column = staged_column<Tile>();
-    int j = n * Tile::kBlockN + column;
+    int j = n * Tile::kBlockN + static_cast<int>(threadIdx.x);
     if (plan.gather) {
         const int chunk = n / kTilesPerChunk<Tile>;
         const int chunk_start = chunk * kGatherChunk;
         const int count = gathered.counts[chunk];
         const int chunk_len = static_cast<int>(min_i64(kGatherChunk, c.seq.len_k - chunk_start));
-        const int e = (n % kTilesPerChunk<Tile>) * Tile::kBlockN + column;  // entry of the chunk's list
+        const int e = (n % kTilesPerChunk<Tile>) * Tile::kBlockN + threadIdx.x;  // entry of the chunk's list
         j = kNoKey;
         if (e < count) j = count == chunk_len ? chunk_start + e : gathered.keys[chunk_start + e];
     } else if (j >= c.seq.len_k) {
@@ -152,14 +144,13 @@ struct TileBitmap {
 // key-based mask's test; true otherwise), the same answer in every thread. `next` carries the
 // columns fetched ahead: used when they are tile n's, then refilled with those of the tile after
 // n (when before n_stop): n + 1, or with kFromBitmap the next one whose bit is set in `bitmap`.
-// Ends with a barrier whenever the K/V loader or the key-mask test reads what other threads
-// staged: a CTA barrier, or with a copy per warpgroup (Tile::kKeyCopies = 2) a barrier of the
-// warpgroup alone, so the warpgroups never wait for each other here.
+// Ends with a CTA barrier whenever the K/V loader or the key-mask test reads what other threads
+// staged.
 template <class Tile, bool kFromBitmap>
 __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const MaskContext &c,
                                  const GatheredKeys &gathered, const TileBitmap &bitmap, int n, int n_stop,
                                  KeyStage st, KeyColumn &next) {
-    const int tid = staged_column<Tile>();
+    const int tid = threadIdx.x;
     const bool key_mask = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_KEY;
     bool any = false;
     if (tid < Tile::kBlockN) {
@@ -175,20 +166,11 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
         const int n_ahead = kFromBitmap && plan.tile_bitmap ? bitmap.next(n + 1, n_stop) : n + 1;
         if (n_ahead < n_stop) next = fetch_key_column<Tile>(p, plan, c, gathered, n_ahead);
     }
-    if constexpr (Tile::kKeyCopies > 1) {
-        const int barrier = kFirstWarpgroupBarrier + static_cast<int>(threadIdx.x / 128);
-        if (!key_mask) {
-            if (p.block_table != nullptr) named_barrier_sync(barrier, 128);
-            return true;
-        }
-        return named_barrier_or(barrier, 128, any);
-    } else {
-        if (!key_mask) {  // no mask, or a query-based one whose tiles TileBitmap already chose
-            if (p.block_table != nullptr) __syncthreads();
-            return true;
-        }
-        return __syncthreads_or(any) != 0;
+    if (!key_mask) {  // no mask, or a query-based one whose tiles TileBitmap already chose
+        if (p.block_table != nullptr) __syncthreads();
+        return true;
     }
+    return __syncthreads_or(any) != 0;
 }
 
 // Copies the (kBlockM, kBlockN) block of a staged query-based mask (launch_plan.h,

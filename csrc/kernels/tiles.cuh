@@ -78,7 +78,6 @@ struct FwdTile {
 
     // Element offset of (row, col) in a (kRows, kRowStride) shared tile: padded rows.
     static constexpr int kMaxCtasPerSm = 8;  // no register cap: the plan counts shared memory alone here
-    static constexpr int kKeyCopies = 1;     // one key staging per stage, shared by the CTA (key_tiles.cuh)
 
     template <int kRows>
     __device__ __forceinline__ static int offset(int row, int col) {
@@ -110,14 +109,10 @@ struct WarpgroupTile {
     //   q_s      (kBlockM, kHeadDim)                    Q tile
     //   k_s      (kStages, kBlockN, kHeadDim)           K tiles
     //   v_s      (kStages, kBlockN, kHeadDim)           V tiles
-    //   row_s, bias_s, key_s, keep_s                    per key column as in FwdTile, but
-    //                                                   (kStages, kKeyCopies, kBlockN) each: every
-    //                                                   warpgroup stages a copy of its own, so
-    //                                                   neither waits for the other (key_tiles.cuh)
+    //   row_s, bias_s, key_s, keep_s                    per key column, as in FwdTile
     static constexpr int kQElems = kBlockM * kHeadDim;
     static constexpr int kKVElems = kBlockN * kHeadDim;
-    static constexpr int kKeyCopies = 2;
-    static constexpr int kKeyStageBytes = kKeyCopies * kBlockN * (8 + 4 + 4 + 1);
+    static constexpr int kKeyStageBytes = kBlockN * (8 + 4 + 4 + 1);
     static constexpr int kSmemBytes =
         kSwizzleAlign + 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;  // with the alignment slack
     static constexpr int kQMaskStride = kBlockN + 16;  // named by transform_scores; no staged mask here

@@ -38,8 +38,9 @@ struct WarpgroupMath {
     bool pingpong;            // both warpgroups hold rows (uniform per CTA): their steps are staggered
     float lse[2];
 
-    // The stagger (kStaggerBarrier): warpgroup 0 arrives once its S MMAs are issued, warpgroup 1
-    // waits for that before it issues its own.
+    // Named barrier of the stagger (0 is __syncthreads'): warpgroup 0 arrives once its S MMAs are
+    // issued, warpgroup 1 waits for that before it issues its own.
+    static constexpr int kStaggerBarrier = 1;
 
     __device__ __forceinline__ static int warpgroup() { return static_cast<int>(threadIdx.x / 128); }
     // First row of this warp's 16.

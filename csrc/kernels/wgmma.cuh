@@ -82,20 +82,6 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
-// Like named_barrier_sync, and returns whether `value` was true in any of the threads.
-__device__ __forceinline__ bool named_barrier_or(int id, int threads, bool value) {
-    int any;
-    asm volatile(
-        "{\n.reg .pred p, q;\nsetp.ne.b32 p, %3, 0;\nbar.red.or.pred q, %1, %2, p;\nselp.b32 %0, 1, 0, q;\n}\n"
-        : "=r"(any)
-        : "r"(id), "r"(threads), "r"(static_cast<int>(value))
-        : "memory");
-    return any != 0;
-}
-// Named barriers of the warpgroup layout (0 is __syncthreads'): the stagger of the two warpgroups'
-// steps (warpgroup_math.cuh), then one per warpgroup for its own copy of the key staging.
-constexpr int kStaggerBarrier = 1;
-constexpr int kFirstWarpgroupBarrier = 2;
 // Makes this thread's generic-proxy writes to shared memory (cp.async included) visible to the
 // async proxy that wgmma reads through; a CTA barrier after it publishes them to every thread.
 __device__ __forceinline__ void fence_proxy_async() {
