@@ -41,7 +41,7 @@ def align16(n):
 def check_plan(problem, plan):
     (b, h, hk, max_q, max_k, total_k, block_m, block_n, sms, ctas_per_sm, mask_layout, mask_group_stride,
      force_splits, force_gather) = problem
-    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace, key_split, rows_first = plan
+    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace, key_split, rows_first, warpgroups = plan
     group = h // hk
 
     # Packed GQA: only whole groups, never when a key-based mask differs across the group's heads.
@@ -91,6 +91,9 @@ def check_plan(problem, plan):
     # CTA order: row blocks first with a query-based mask or when the batch's K/V fits a 50 MB L2.
     kv_bytes = (total_k if total_k > 0 else b * max_k) * hk * D * 2 * 2
     assert rows_first == int((mask_layout == MASK_QUERY and max_k > 0) or kv_bytes <= 50 << 20)
+    # The Hopper warpgroup layout: exactly the blocks the row split would take, never under a
+    # query-based mask (its tile test is built for the row split's 64 x 64 tiles).
+    assert warpgroups == int(mask_layout != MASK_QUERY and not key_split)
 
 
 def test_plan_invariants_on_random_problems(probe):

@@ -1,8 +1,8 @@
 // Prints the CUDA launch plan (launch_plan.h, host-only code) for sizes read from stdin, one line
 // per problem: "B H H_k max_q max_k total_k block_m block_n sms ctas_per_sm mask_layout
 // mask_group_stride force_splits force_gather" -> "heads_per_cta num_m_blocks num_splits
-// tiles_per_split gather workspace_bytes key_split rows_first" (rows_first for a 50 MB L2, the
-// H100's). Used by test_launch_plan.py.
+// tiles_per_split gather workspace_bytes key_split rows_first warpgroups" (rows_first for a 50 MB
+// L2, the H100's; warpgroups as on a Hopper GPU with an sm_90a build, for a head dim it serves). Used by test_launch_plan.py.
 #include <cstdio>
 
 #include "../../csrc/kernels/launch_plan.h"
@@ -35,9 +35,10 @@ int main() {
         }
         const fdm::FwdPlan plan = fdm::make_plan(p, (int)block_m, (int)block_n, (int)sms, (int)ctas_per_sm);
         const int rows_first = fdm::use_rows_first(p, plan, 50LL << 20) ? 1 : 0;
-        std::printf("%d %d %d %d %d %zu %d %d\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
+        const int warpgroups = fdm::use_warpgroups(p, plan.key_split != 0, true, true) ? 1 : 0;  // on a Hopper
+        std::printf("%d %d %d %d %d %zu %d %d %d\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
                     plan.tiles_per_split, plan.gather, fdm::workspace_layout(&p, &plan).total, plan.key_split,
-                    rows_first);
+                    rows_first, warpgroups);
     }
     return 0;
 }
