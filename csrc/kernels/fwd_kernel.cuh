@@ -1,9 +1,9 @@
 // fwd_kernel.cuh: the varlen attention forward kernel (SPEC.md section 1) on tensor cores.
 //
 // One CTA computes one (row block of kBlockM rows, head block, sequence b, key range) with 4
-// warps, or 2 warpgroups in the warpgroup layout (kBlockM: of the instantiation's tile, tiles.cuh). A row is one (query, head) pair:
-// with packed GQA (launch_plan.h) the P heads of a KV group share a CTA, so row R is query R / P of
-// head h0 + R % P; without it P = 1.
+// warps, or 2 warpgroups in the warpgroup layout (kBlockM: of the instantiation's tile,
+// tiles.cuh). A row is one (query, head) pair: with packed GQA (launch_plan.h) the P heads of a KV
+// group share a CTA, so row R is query R / P of head h0 + R % P; without it P = 1.
 // For every visible key tile n (kBlockN keys) of the CTA's key range, Math (tile_math.cuh:
 // RowSplitMath or KeySplitMath; warpgroup_math.cuh: WarpgroupMath; the plan's choice) computes
 // S = Q K_n^T, the masked online softmax and O += P V_n.

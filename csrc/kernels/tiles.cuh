@@ -75,10 +75,9 @@ struct FwdTile {
     static constexpr int smem_bytes(bool key_split, bool staged_mask) {
         return kSmemBytes + (key_split ? kExchangeBytes : 0) + (staged_mask ? kStages * kQMaskStageBytes : 0);
     }
-
-    // Element offset of (row, col) in a (kRows, kRowStride) shared tile: padded rows.
     static constexpr int kMaxCtasPerSm = 8;  // no register cap: the plan counts shared memory alone here
 
+    // Element offset of (row, col) in a (kRows, kRowStride) shared tile: padded rows.
     template <int kRows>
     __device__ __forceinline__ static int offset(int row, int col) {
         return row * kRowStride + col;
@@ -121,6 +120,7 @@ struct WarpgroupTile {
     // for two CTAs of D = 64 spilled 1.7 KB), so registers allow one, whatever the shared memory.
     static constexpr int kMaxCtasPerSm = 1;
 
+    // Element offset of (row, col) in a swizzled (kRows, kHeadDim) shared tile (wgmma.cuh).
     template <int kRows>
     __device__ __forceinline__ static int offset(int row, int col) {
         return swizzled_offset<kRows>(row, col);
@@ -167,8 +167,8 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Copies kRows rows into a (kRows, D) shared tile (laid out by Tile::offset). row_ptr(r) is the global address of
-// row r (head_dim elements, 16-byte aligned) or nullptr for a row to zero-fill; columns >= head_dim
+// Copies kRows rows into a (kRows, D) shared tile laid out by Tile::offset. row_ptr(r) is the global
+// address of row r (head_dim elements, 16-byte aligned) or nullptr for a row to zero-fill; columns >= head_dim
 // become 0 too, so padded keys contribute 0 * 0 and never NaN. `any_valid` is any readable global
 // address (cp.async wants one even when it copies 0 bytes).
 template <class Tile, int kRows, class T, class RowPtr>
