@@ -121,12 +121,7 @@ struct RowSplitMath {
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
             uint32_t a[kTiles][4];
 #pragma unroll
-            for (int mt = 0; mt < kTiles; ++mt) {
-                a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
+            for (int mt = 0; mt < kTiles; ++mt) p_fragment<T>(s[mt], kk, a[mt]);
 #pragma unroll
             for (int dd = 0; dd < kHeadDim / 16; ++dd) {
                 uint32_t bv[4];

@@ -272,4 +272,14 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
     return *reinterpret_cast<uint32_t *>(&h);
 }
 
+// The A fragment (16 x 16, tiles.cuh header) of P's keys [16 kk, 16 kk + 16) from a row tile of
+// score accumulators s (kNTiles 8-key C fragments), rounded to T: P V takes P straight from S.
+template <class T, int kNTiles>
+__device__ __forceinline__ void p_fragment(const float (&s)[kNTiles][4], int kk, uint32_t (&a)[4]) {
+    a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
 }  // namespace fdm

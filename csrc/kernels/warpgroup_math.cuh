@@ -72,16 +72,16 @@ struct WarpgroupMath {
         // S = Q K^T: (64, kBlockN) per warpgroup, kHeadDim / 16 MMAs of K = 16.
         float s[kNTiles][4];
         float(&s_flat)[kNTiles * 4] = reinterpret_cast<float(&)[kNTiles * 4]>(s);
-        const uint32_t q_rows = smem_addr(op.q_s) + warpgroup() * 64 * 128;  // this warpgroup's rows of each block
+        const uint32_t q_rows = smem_addr(op.q_s) + warpgroup() * 64 * kSwizzleRowBytes;  // its rows of each block
         const uint32_t k_tile = smem_addr(op.k_tile);
-        if (pingpong && warpgroup() == 1) named_barrier_sync(kStaggerBarrier, 256);
+        if (pingpong && warpgroup() == 1) named_barrier_sync(kStaggerBarrier, Tile::kThreads);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk)
             wgmma_qk<T, kBlockN>(s_flat, kmajor_descriptor<kBlockM>(q_rows, kk), kmajor_descriptor<kBlockN>(k_tile, kk),
                                  kk > 0);
         wgmma_commit();
-        if (pingpong && warpgroup() == 0) named_barrier_arrive(kStaggerBarrier, 256);
+        if (pingpong && warpgroup() == 0) named_barrier_arrive(kStaggerBarrier, Tile::kThreads);
         issue_next();
         wgmma_wait<0>();
         fence_registers(s_flat);
@@ -94,12 +94,7 @@ struct WarpgroupMath {
         // O += P V: P (64, kBlockN) as A fragments straight from the S accumulators.
         uint32_t a[kBlockN / 16][4];
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            a[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-            a[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-            a[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
+        for (int kk = 0; kk < kBlockN / 16; ++kk) p_fragment<T>(s, kk, a[kk]);
         float(&o_flat)[kDTiles * 4] = reinterpret_cast<float(&)[kDTiles * 4]>(acc_o);
         const uint32_t v_tile = smem_addr(op.v_tile);
         fence_registers(o_flat);

@@ -23,7 +23,8 @@
 
 namespace fdm {
 
-constexpr int kSwizzleCols = 64;       // 16-bit elements per 128-byte swizzled row
+constexpr int kSwizzleCols = 64;       // 16-bit elements per swizzled row
+constexpr int kSwizzleRowBytes = 128;  // bytes per swizzled row
 constexpr int kSwizzleAlign = 1024;    // bytes of one 8-row swizzle atom
 
 // Element offset of (row, col) in a swizzled (kRows, D) tile.
@@ -42,12 +43,12 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lead
 // Step kk (16 columns) of a K-major (kRows, D) tile at shared address `tile`.
 template <int kRows>
 __device__ __forceinline__ uint64_t kmajor_descriptor(uint32_t tile, int kk) {
-    return smem_descriptor(tile + (kk / 4) * (kRows * 128) + (kk % 4) * 32, 16);
+    return smem_descriptor(tile + (kk / 4) * (kRows * kSwizzleRowBytes) + (kk % 4) * 32, 16);
 }
 // Step kk (16 rows = keys) of an MN-major (kRows, D) tile at shared address `tile`.
 template <int kRows>
 __device__ __forceinline__ uint64_t mnmajor_descriptor(uint32_t tile, int kk) {
-    return smem_descriptor(tile + kk * 16 * 128, kRows * 128);
+    return smem_descriptor(tile + kk * 16 * kSwizzleRowBytes, kRows * kSwizzleRowBytes);
 }
 
 // Orders this warpgroup's register accesses before the wgmmas that follow (wgmma.fence).
