@@ -392,6 +392,42 @@ def test_paths_agree(monkeypatch, device, dtype, shape, mask_heads, causal):
 LAYOUTS = {"rows": (0, 0), "keys": (1, 0), "warpgroups": (0, 1)}
 
 
+# Chunk kinds of the gathered path (csrc/kernels/key_tiles.cuh): a 1024-key chunk whose keys are
+# all visible is read as its contiguous range, any other through its list of visible keys.
+CHUNK_SEQLENS = {"cpu": [(20, 300), (3, 150)],
+                 "cuda": [(700, 5000), (300, 3000), (1, 4097), (8, 2100), (129, 1025)]}
+
+
+@CAUSAL
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@GATHER
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_gathered_chunk_kinds(monkeypatch, device, dtype, gather, layout, causal):
+    """Every kind of chunk next to the others in one sequence: all keys visible (a range), half of
+    them, all but one (a list one key short of the range), none; per KV head a different order. With
+    a key-based bias, through each layout (decode and prefill rows), gathered or tile by tile."""
+    key_split, warpgroups = LAYOUTS[layout]
+    use_paths(monkeypatch, gather=gather, key_split=key_split, warpgroups=warpgroups)
+    chunk = 1024 if device == "cuda" else 64
+    batch = make_batch(CHUNK_SEQLENS[device], 8, 2, 128, dtype, device)
+    keep = torch.rand(batch.total_k, batch.num_heads_k, device=device) < 0.5
+    for b, (_, len_k) in enumerate(batch.seqlens):
+        k0 = batch.cu_seqlens_k[b].item()
+        for c, start in enumerate(range(0, len_k, chunk)):
+            keys = slice(k0 + start, k0 + min(start + chunk, len_k))
+            for g in range(batch.num_heads_k):
+                kind = (c + b + g) % 4
+                if kind == 0:
+                    keep[keys, g] = True
+                elif kind == 2:
+                    keep[keys, g] = True
+                    keep[k0 + start + (7 * c) % (keys.stop - keys.start), g] = False
+                elif kind == 3:
+                    keep[keys, g] = False
+    out, lse = run_and_check(batch, attn_mask=keep, attn_bias=make_bias(batch, "key", "H_k"), is_causal=causal)
+    assert_empty_key_sequences_hidden(batch, out, lse)
+
+
 def on_hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
