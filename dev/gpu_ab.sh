@@ -12,6 +12,8 @@
 #   git diff > .ab/2-next.patch ...
 #   AB_PATCHES=".ab/1-staging.patch .ab/2-next.patch" bash dev/gpu_ab.sh
 #   AB_SUITES="prefill" AB_ONLY="prefill-(a|b)" AB_PATCHES=... bash dev/gpu_ab.sh
+#   AB_DRY_RUN=1 AB_PATCHES=... bash dev/gpu_ab.sh   # here, before a device call: do the patches
+#                                                    # reverse and re-apply cleanly?
 #
 # Prints, last, one row per case: the median ms of every version and each one's ratio to the base.
 set -uo pipefail
@@ -23,7 +25,7 @@ export CC=gcc CXX=g++ LDSHARED="g++ -shared"  # as dev/gpu_run.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 read -r -a patches <<<"${AB_PATCHES:?AB_PATCHES: the patches from the base to the working tree, oldest first}"
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+[ -n "${AB_DRY_RUN:-}" ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 for ((i = ${#patches[@]} - 1; i >= 0; --i)); do
     patch -R -p1 --quiet <"${patches[i]}" || { echo "cannot reverse ${patches[i]}"; exit 1; }
@@ -31,6 +33,10 @@ done
 
 status=0
 run_version() {  # $1 = label
+    if [ -n "${AB_DRY_RUN:-}" ]; then
+        echo "version $1: $(git diff --stat 2>/dev/null | tail -1)"
+        return
+    fi
     rm -rf build flash_dmattn/_C*.so
     if ! FLASH_DMATTN_BUILD=cuda python3 setup.py build_ext --inplace >"$OUT/build-$1.log" 2>&1; then
         tail -30 "$OUT/build-$1.log"
