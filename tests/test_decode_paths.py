@@ -392,10 +392,11 @@ def test_paths_agree(monkeypatch, device, dtype, shape, mask_heads, causal):
 LAYOUTS = {"rows": (0, 0), "keys": (1, 0), "warpgroups": (0, 1)}
 
 
-# Chunk kinds of the gathered path (csrc/kernels/key_tiles.cuh): a 1024-key chunk whose keys are
-# all visible is read as its contiguous range, any other through its list of visible keys.
-CHUNK_SEQLENS = {"cpu": [(20, 300), (3, 150)],
-                 "cuda": [(700, 5000), (300, 3000), (1, 4097), (8, 2100), (129, 1025)]}
+# Chunk kinds of the gathered path (csrc/kernels/key_tiles.cuh): a chunk of kGatherChunk = 1024
+# keys (launch_plan.h) whose keys are all visible is read as its contiguous range, any other
+# through its list of visible keys. Beside them an empty key sequence and an empty query sequence.
+CHUNK_SEQLENS = {"cpu": [(20, 300), (3, 150), (4, 0)],
+                 "cuda": [(700, 5000), (300, 3000), (1, 4097), (8, 2100), (129, 1025), (4, 0), (0, 2048)]}
 
 
 @CAUSAL
@@ -408,7 +409,7 @@ def test_gathered_chunk_kinds(monkeypatch, device, dtype, gather, layout, causal
     a key-based bias, through each layout (decode and prefill rows), gathered or tile by tile."""
     key_split, warpgroups = LAYOUTS[layout]
     use_paths(monkeypatch, gather=gather, key_split=key_split, warpgroups=warpgroups)
-    chunk = 1024 if device == "cuda" else 64
+    chunk = 1024 if device == "cuda" else 64  # the CPU kernel has no chunks: the same pattern, smaller
     batch = make_batch(CHUNK_SEQLENS[device], 8, 2, 128, dtype, device)
     keep = torch.rand(batch.total_k, batch.num_heads_k, device=device) < 0.5
     for b, (_, len_k) in enumerate(batch.seqlens):
