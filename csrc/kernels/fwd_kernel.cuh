@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
         }
     };
     auto load_kv_async = [&](int n, int stage) {
-        load_key_tile_async<Tile>(p, plan, ctx, n, key_stage(stage), k_s + stage * Tile::kKVElems,
+        load_key_tile_async<Tile>(p, plan, ctx, gathered, n, key_stage(stage), k_s + stage * Tile::kKVElems,
                                   v_s + stage * Tile::kKVElems, qmask_stage(stage));
     };
 

@@ -9,7 +9,7 @@
 // prepare_key_tile stages, per key column c of the tile, into one pipeline stage:
 //   row[c]  = the K/V row of key j (fdm_key_row: packed row or page slot), -1 past the keys
 //   key[c]  = j, or kNoKey past the keys (read by the scores only on gathered tiles)
-//   bias[c] = key-based bias of key j (0 past the keys)
+//   bias[c] = key-based bias of key j times log2 e (0 past the keys)
 //   keep[c] = key-based mask of key j (contiguous tiles only; gathered keys are all kept)
 // and, under a key-based mask, tells whether the tile holds any visible (query, key) pair: tiles
 // that do not are skipped before any K/V byte is loaded. Under a query-based mask the tiles were
@@ -52,6 +52,26 @@ struct GatheredKeys {
         g.keys = reinterpret_cast<const int32_t *>(base + w.keys) + head * p.total_k + c.seq.k_start;
         g.counts = reinterpret_cast<const int32_t *>(base + w.counts) + (head * p.batch + c.seq.b) * plan.max_chunks;
         return g;
+    }
+};
+
+// Where gathered tile n's keys come from: entries [entry0, entry0 + kBlockN) of its chunk's list,
+// or, when every key of the chunk is visible (listed = false), the keys chunk_start + entry0 on.
+struct GatheredTile {
+    int chunk_start;  // first local key of the chunk
+    int entry0;       // first list entry of the tile
+    int count;        // visible keys of the chunk
+    bool listed;      // the keys are read from the list (some of the chunk's keys are hidden)
+
+    template <class Tile>
+    __device__ __forceinline__ static GatheredTile of(const GatheredKeys &g, const MaskContext &c, int n) {
+        GatheredTile t;
+        const int chunk = n / kTilesPerChunk<Tile>;
+        t.chunk_start = chunk * kGatherChunk;
+        t.entry0 = (n % kTilesPerChunk<Tile>) * Tile::kBlockN;
+        t.count = g.counts[chunk];
+        t.listed = t.count != static_cast<int>(min_i64(kGatherChunk, c.seq.len_k - t.chunk_start));
+        return t;
     }
 };
 
@@ -159,7 +179,7 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
         const bool keep = has_key && (plan.gather || !key_mask || mask_keeps_bits(p.mask, col.keep_bits));
         st.key[tid] = col.key;
         st.row[tid] = col.row;
-        st.bias[tid] = col.bias_bits != 0u ? bias_from_bits(p.bias, col.bias_bits) : 0.f;
+        st.bias[tid] = col.bias_bits != 0u ? bias_from_bits(p.bias, col.bias_bits) * kLog2e : 0.f;  // log2 domain
         st.keep[tid] = keep;
         any = plan.gather ? col.key < c.key_end : key_mask && keep;
         next.n = -1;
@@ -169,6 +189,16 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
     if (!key_mask) {  // no mask, or a query-based one whose tiles TileBitmap already chose
         if (p.block_table != nullptr) __syncthreads();
         return true;
+    }
+    if (plan.gather) {
+        // The lists are ascending, so the tile holds a visible pair iff its first key is below
+        // key_end. On a chunk whose keys are all visible every thread knows that key, and the tile
+        // needs no barrier; the copies of a listed (or paged) tile read what other threads staged
+        // (its rows), and after that barrier its first key is read from the stage.
+        const GatheredTile g = GatheredTile::of<Tile>(gathered, c, n);
+        if (g.listed || p.block_table != nullptr) __syncthreads();
+        const int first = g.listed ? st.key[0] : g.chunk_start + g.entry0;
+        return first < c.key_end;
     }
     return __syncthreads_or(any) != 0;
 }
@@ -202,17 +232,29 @@ __device__ __forceinline__ void load_query_mask_tile_async(const fdm_params &p, 
 // query-based mask into qmask_tile (when not nullptr): one commit group.
 template <class Tile, class T>
 __device__ __forceinline__ void load_key_tile_async(const fdm_params &p, const FwdPlan &plan, const MaskContext &c,
-                                                    int n, const KeyStage &st, T *k_tile, T *v_tile,
+                                                    const GatheredKeys &gathered, int n, const KeyStage &st, T *k_tile, T *v_tile,
                                                     uint8_t *qmask_tile) {
     const int head_dim = static_cast<int>(p.head_dim);
     const T *k_head = static_cast<const T *>(p.k) + c.hk * p.k_head_stride;  // row 0 of the KV head
     const T *v_head = static_cast<const T *>(p.v) + c.hk * p.v_head_stride;
-    if (plan.gather || p.block_table != nullptr) {  // rows staged by prepare_key_tile
+    // Keys j0 + [0, valid) in packed rows, unless the tile is paged or a listed gathered one.
+    int64_t j0 = static_cast<int64_t>(n) * Tile::kBlockN, valid = c.seq.len_k - j0;
+    bool staged_rows = p.block_table != nullptr;
+    if (plan.gather) {
+        const GatheredTile g = GatheredTile::of<Tile>(gathered, c, n);
+        staged_rows = staged_rows || g.listed;
+        j0 = g.chunk_start + g.entry0;
+        valid = g.count - g.entry0;
+    }
+    if (staged_rows) {  // rows staged by prepare_key_tile
         load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
                                  [&](int r) { return st.row[r]; }, head_dim);
-    } else {  // packed rows k_start + j
-        const int64_t j0 = static_cast<int64_t>(n) * Tile::kBlockN;
-        const int64_t valid = c.seq.len_k - j0, row0 = c.seq.k_start + j0;
+    } else if constexpr (kRangeCopy<Tile>) {  // packed rows k_start + j
+        const int64_t row0 = c.seq.k_start + j0;
+        load_kv_range_async<Tile>(k_tile, v_tile, k_head + row0 * p.k_row_stride, v_head + row0 * p.v_row_stride,
+                                  p.k_row_stride, p.v_row_stride, valid, head_dim);
+    } else {
+        const int64_t row0 = c.seq.k_start + j0;
         load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
                                  [&](int r) { return r < valid ? row0 + r : int64_t(-1); }, head_dim);
     }

@@ -85,19 +85,24 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
 // S (16 rows x 8 kNTiles columns of the key tile, from column col_base; this thread's (kNTiles, 4)
 // part) -> X in the log2 domain:
 //   x = scale * s;  x = softcap * tanh(x / softcap);  x += bias;  x = -inf where hidden.
+// Returns c with X = c * s on return: without bias and softcap (and scale > 0) the scale is left
+// to the softmax, which folds it into its exponent, 2^(c s - m) in one FFMA (c = scale log2 e);
+// otherwise c = 1 and s holds X, formed with one FFMA per score (x = s * scale log2 e + bias
+// log2 e; the key-based bias is staged times log2 e, key_tiles.cuh).
 // Element (t, e) is row row0 + 8 * (e / 2) of the block (rows: its facts; row0 = the row of the
 // thread's gid), column c = col_base + 8 t + 2 tig + e % 2,
 // which holds key
 // j = n * kBlockN + c, or keys[c] on a gathered tile (keys != nullptr; kNoKey past its keys).
-// keep / kbias: the tile's staged key-based mask and bias; qmask: the tile's staged block of a
-// query-based byte mask, (kBlockM, kQMaskStride), or nullptr to read the mask from global memory.
+// keep / kbias: the tile's staged key-based mask and bias (times log2 e); qmask: the tile's staged
+// block of a query-based byte mask, (kBlockM, kQMaskStride), or nullptr to read the mask from
+// global memory.
 // Each step is one uniform branch per tile, not per element; limits are tested only on tiles that
 // cross Lk or the diagonal.
 template <class Tile, int kNTiles>
-__device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const fdm_params &p, const MaskContext &c,
-                                                 const RowInfo &rows, int n, const uint8_t *keep,
-                                                 const float *kbias, const int *keys, const uint8_t *qmask,
-                                                 int row0, int col_base) {
+__device__ __forceinline__ float transform_scores(float (&s)[kNTiles][4], const fdm_params &p, const MaskContext &c,
+                                                  const RowInfo &rows, int n, const uint8_t *keep,
+                                                  const float *kbias, const int *keys, const uint8_t *qmask,
+                                                  int row0, int col_base) {
     const int j0 = n * Tile::kBlockN;
     const int col0 = col_base + 2 * (threadIdx.x % 4);
     const auto key_of = [&](int t, int e) {
@@ -105,25 +110,32 @@ __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const f
         return keys != nullptr ? keys[col] : j0 + col;
     };
     const bool has_bias = p.bias.ptr != nullptr;
-    if (p.softcap > 0.f) {
-        const float inv_cap = 1.f / p.softcap;
+    const float scale_log2 = p.scale * kLog2e;
+    float factor = 1.f;  // c, returned
+    float bias_mul = scale_log2;  // x = s * bias_mul + bias log2 e
+    if (p.softcap > 0.f) {  // x = softcap log2 e * tanh(s * scale / softcap), already in the log2 domain
+        const float inner = p.scale / p.softcap, outer = p.softcap * kLog2e;
 #pragma unroll
         for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[t][e] = p.softcap * tanhf(s[t][e] * p.scale * inv_cap);
-    } else {
-        const float mul = has_bias ? p.scale : p.scale * kLog2e;
+            for (int e = 0; e < 4; ++e) s[t][e] = outer * tanhf(s[t][e] * inner);
+        bias_mul = 1.f;
+    } else if (!has_bias) {
+        if (p.scale > 0.f) {
+            factor = scale_log2;
+        } else {
 #pragma unroll
-        for (int t = 0; t < kNTiles; ++t)
+            for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[t][e] *= mul;
+                for (int e = 0; e < 4; ++e) s[t][e] *= scale_log2;
+        }
     }
     if (has_bias) {
         if (p.bias.layout == FDM_LAYOUT_KEY) {
 #pragma unroll
             for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[t][e] += kbias[t * 8 + col0 + e % 2];
+                for (int e = 0; e < 4; ++e) s[t][e] = fmaf(s[t][e], bias_mul, kbias[t * 8 + col0 + e % 2]);
         } else {
             const int64_t row_off[2] = {fdm_operand_offset(&p.bias, &c.seq, c.hk, rows.g[0], rows.i[0], 0),
                                         fdm_operand_offset(&p.bias, &c.seq, c.hk, rows.g[1], rows.i[1], 0)};
@@ -132,16 +144,12 @@ __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const f
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = e / 2, j = key_of(t, e);
-                    if (rows.ok[r] && j < c.seq.len_k)
-                        s[t][e] += bias_value(p.bias, row_off[r] + int64_t(j) * p.bias.stride_k);
+                    const float b = rows.ok[r] && j < c.seq.len_k
+                                        ? bias_value(p.bias, row_off[r] + int64_t(j) * p.bias.stride_k) * kLog2e
+                                        : 0.f;
+                    s[t][e] = fmaf(s[t][e], bias_mul, b);
                 }
         }
-    }
-    if (has_bias || p.softcap > 0.f) {
-#pragma unroll
-        for (int t = 0; t < kNTiles; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[t][e] *= kLog2e;
     }
     // The tile's last column holds its largest key (gathered lists are ascending).
     const int last_col_key = keys != nullptr ? keys[Tile::kBlockN - 1] : j0 + Tile::kBlockN - 1;
@@ -185,6 +193,7 @@ __device__ __forceinline__ void transform_scores(float (&s)[kNTiles][4], const f
                 }
         }
     }
+    return factor;
 }
 
 }  // namespace fdm

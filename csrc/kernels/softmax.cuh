@@ -2,8 +2,9 @@
 // KeySplitSoftmax for the key-split layout, where each warp holds a slice of every row's keys.
 //
 // OnlineSoftmax: a thread holds two rows (gid and gid + 8 of its warp's 16) and, per 8-key MMA tile, two scores of
-// each row. Scores arrive in the log2 domain (x * log2 e) so that exp becomes exp2. Per row:
-//   m' = max(m, max_j x_j);  alpha = 2^(m - m');  l = alpha * l + sum_j 2^(x_j - m');  O = alpha * O
+// each row. Scores arrive as s with x = c s in the log2 domain (c > 0, from transform_scores: the
+// scale times log2 e still to apply, or 1), so that exp becomes exp2 and c folds into its FFMA. Per row:
+//   m' = max(m, c max_j s_j);  alpha = 2^(m - m');  l = alpha * l + sum_j 2^(c s_j - m');  O = alpha * O
 // A row that has seen only -inf keeps m = -inf, l = 0, O = 0 (no NaN from -inf - -inf).
 #pragma once
 
@@ -34,22 +35,22 @@ struct OnlineSoftmax {
         row_sum[0] = row_sum[1] = 0.f;
     }
 
-    // s: (kNTiles, 4) scores in the log2 domain, replaced by P = 2^(x - m'); acc_o rescaled by alpha.
-    __device__ __forceinline__ void update(float (&s)[kNTiles][4], float (&acc_o)[kDTiles][4]) {
+    // s: (kNTiles, 4) scores (x = c s), replaced by P = 2^(c s - m'); acc_o rescaled by alpha.
+    __device__ __forceinline__ void update(float (&s)[kNTiles][4], float (&acc_o)[kDTiles][4], float c) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float tile_max = -INFINITY;
 #pragma unroll
             for (int t = 0; t < kNTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
-            const float new_max = fmaxf(row_max[r], quad_max(tile_max));
+            const float new_max = fmaxf(row_max[r], quad_max(tile_max) * c);
             const float base = new_max == -INFINITY ? 0.f : new_max;  // all hidden so far: P = 0
             const float alpha = exp2f(row_max[r] - base);
             row_max[r] = new_max;
             float sum = 0.f;
 #pragma unroll
             for (int t = 0; t < kNTiles; ++t) {
-                s[t][2 * r] = exp2f(s[t][2 * r] - base);
-                s[t][2 * r + 1] = exp2f(s[t][2 * r + 1] - base);
+                s[t][2 * r] = exp2f(fmaf(s[t][2 * r], c, -base));
+                s[t][2 * r + 1] = exp2f(fmaf(s[t][2 * r + 1], c, -base));
                 sum += s[t][2 * r] + s[t][2 * r + 1];
             }
             row_sum[r] = alpha * row_sum[r] + sum;
@@ -126,10 +127,10 @@ struct KeySplitSoftmax {
         }
     }
 
-    // s: (kMTiles, kNTiles, 4) scores in the log2 domain, replaced by P = 2^(x - m'); acc_o rescaled
-    // by alpha. Contains one CTA barrier (every thread must call it).
+    // s: (kMTiles, kNTiles, 4) scores (x = c s, as OnlineSoftmax), replaced by P = 2^(c s - m');
+    // acc_o rescaled by alpha. Contains one CTA barrier (every thread must call it).
     __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc_o)[kMTiles][kDTiles][4],
-                                          int m_tiles, float *red_s) {
+                                          int m_tiles, float *red_s, float c) {
         float tile_max[kMTiles][2];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
@@ -146,15 +147,15 @@ struct KeySplitSoftmax {
             if (mt >= m_tiles) break;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float new_max = fmaxf(row_max[mt][r], tile_max[mt][r]);
+                const float new_max = fmaxf(row_max[mt][r], tile_max[mt][r] * c);
                 const float base = new_max == -INFINITY ? 0.f : new_max;  // all hidden so far: P = 0
                 const float alpha = exp2f(row_max[mt][r] - base);
                 row_max[mt][r] = new_max;
                 float sum = 0.f;
 #pragma unroll
                 for (int t = 0; t < kNTiles; ++t) {
-                    s[mt][t][2 * r] = exp2f(s[mt][t][2 * r] - base);
-                    s[mt][t][2 * r + 1] = exp2f(s[mt][t][2 * r + 1] - base);
+                    s[mt][t][2 * r] = exp2f(fmaf(s[mt][t][2 * r], c, -base));
+                    s[mt][t][2 * r + 1] = exp2f(fmaf(s[mt][t][2 * r + 1], c, -base));
                     sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
                 }
                 row_sum[mt][r] = alpha * row_sum[mt][r] + sum;

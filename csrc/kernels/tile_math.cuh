@@ -2,7 +2,8 @@
 //
 // For the key tile n (kBlockN keys) staged in shared memory:
 //   S = Q K_n^T                     mma.sync, Q and K from shared memory (ldmatrix)
-//   X = transform(S) * log2 e       scale, softcap, bias, mask, causal, length (masking.cuh)
+//   X = transform(S) * log2 e       scale, softcap, bias, mask, causal, length (masking.cuh;
+//                                   a lone scale is left to the softmax's exponent)
 //   P = online_softmax(X)           registers (softmax.cuh)
 //   O += P V_n                      mma.sync, V via ldmatrix.trans
 //
@@ -109,10 +110,10 @@ struct RowSplitMath {
 #pragma unroll
         for (int mt = 0; mt < kTiles; ++mt) {
             const int row = row0(mt) + lane / 4;
-            transform_scores<Tile, kNTiles>(s[mt], p, ctx, kKeepRows ? kept_rows[mt] : make_row_info(ctx, row), n,
-                                            op.keys.keep, op.keys.bias, op.gathered ? op.keys.key : nullptr,
-                                            op.qmask, row, 0);
-            softmax[mt].update(s[mt], acc_o[mt]);
+            const float c = transform_scores<Tile, kNTiles>(s[mt], p, ctx, kKeepRows ? kept_rows[mt] : make_row_info(ctx, row),
+                                                            n, op.keys.keep, op.keys.bias,
+                                                            op.gathered ? op.keys.key : nullptr, op.qmask, row, 0);
+            softmax[mt].update(s[mt], acc_o[mt], c);
         }
 
         // O += P V: P (16, kBlockN) per row tile as A fragments straight from the S accumulators;
@@ -229,14 +230,16 @@ struct KeySplitMath {
             }
         }
 
-        // X = transform(S), then P of this warp's columns, written to p_s for every warp's P V.
+        // X = c transform(S), then P of this warp's columns, written to p_s for every warp's P V
+        // (c, the factor left to the softmax, is the same for every tile of a call).
+        float c = 1.f;
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
             if (mt >= m_tiles) break;
-            transform_scores<Tile, kNTiles>(s[mt], p, ctx, rows[mt], n, op.keys.keep, op.keys.bias,
-                                            op.gathered ? op.keys.key : nullptr, op.qmask, 16 * mt + gid, key0);
+            c = transform_scores<Tile, kNTiles>(s[mt], p, ctx, rows[mt], n, op.keys.keep, op.keys.bias,
+                                                op.gathered ? op.keys.key : nullptr, op.qmask, 16 * mt + gid, key0);
         }
-        softmax.update(s, acc_o, m_tiles, red_s);
+        softmax.update(s, acc_o, m_tiles, red_s, c);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
             if (mt >= m_tiles) break;

@@ -209,6 +209,54 @@ __device__ __forceinline__ void load_kv_rows_async(T *k_tile, T *v_tile, const T
     }
 }
 
+// Whether a tile's contiguous K/V tiles use load_kv_range_async: its copies must come in whole
+// rows per iteration (not at D = 96 and 192 with 4 warps: 12 and 24 chunks per row). The D = 128
+// warpgroup tile keeps the row copy: measured on an H200 (docs/notes.md, version 20) the range
+// copy made that kernel 5-10% slower on prefill-b/c (a different schedule at 255 registers, not
+// the copies themselves) while the other kernels got 1-7% faster.
+template <class Tile>
+constexpr bool kRangeCopy = Tile::kThreads % Tile::kChunksPerRow == 0 &&
+                            Tile::kBlockN % (Tile::kThreads / Tile::kChunksPerRow) == 0 &&
+                            !(Tile::kWarps == 8 && Tile::kHeadDim == 128);
+
+// Copies the K and V rows of one key tile whose keys are consecutive rows: key column r reads
+// rows k_row0 + r * k_row_stride and v_row0 + r * v_row_stride for r < valid_rows (the rest are
+// zero-filled). Thread t copies chunk t % kChunksPerRow of rows t / kChunksPerRow + it *
+// kRowsPerIter, so its global addresses advance by a constant step: one 64-bit add per copy,
+// and on a full tile (valid_rows >= kBlockN, head_dim = the tile's) no bounds test at all.
+// (1-8% faster than load_kv_rows_async's per-row index math where it is used; docs/notes.md,
+// version 20.)
+template <class Tile, class T>
+__device__ __forceinline__ void load_kv_range_async(T *k_tile, T *v_tile, const T *k_row0, const T *v_row0,
+                                                    int64_t k_row_stride, int64_t v_row_stride, int64_t valid_rows,
+                                                    int head_dim) {
+    static_assert(Tile::kThreads % Tile::kChunksPerRow == 0, "whole rows per copy iteration");
+    constexpr int kRowsPerIter = Tile::kThreads / Tile::kChunksPerRow;
+    constexpr int kIters = Tile::kBlockN / kRowsPerIter;
+    static_assert(kIters * kRowsPerIter == Tile::kBlockN, "whole copy iterations per tile");
+    const int row = static_cast<int>(threadIdx.x) / Tile::kChunksPerRow;
+    const int col = (static_cast<int>(threadIdx.x) % Tile::kChunksPerRow) * 8;
+    const T *k = k_row0 + row * k_row_stride + col;  // this thread's chunk of its first row
+    const T *v = v_row0 + row * v_row_stride + col;
+    const int64_t k_step = kRowsPerIter * k_row_stride, v_step = kRowsPerIter * v_row_stride;
+    if (valid_rows >= Tile::kBlockN && head_dim == Tile::kHeadDim) {
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const int dst = Tile::template offset<Tile::kBlockN>(row + it * kRowsPerIter, col);
+            cp_async_16(smem_addr(k_tile + dst), k + it * k_step, true);
+            cp_async_16(smem_addr(v_tile + dst), v + it * v_step, true);
+        }
+    } else {
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const int dst = Tile::template offset<Tile::kBlockN>(row + it * kRowsPerIter, col);
+            const bool ok = row + it * kRowsPerIter < valid_rows && col < head_dim;
+            cp_async_16(smem_addr(k_tile + dst), ok ? k + it * k_step : k_row0, ok);
+            cp_async_16(smem_addr(v_tile + dst), ok ? v + it * v_step : v_row0, ok);
+        }
+    }
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -87,9 +87,9 @@ struct WarpgroupMath {
         fence_registers(s_flat);
 
         // X = transform(S) in the log2 domain, then P; O is rescaled by the softmax.
-        transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
-                                        op.gathered ? op.keys.key : nullptr, nullptr, row0() + gid, 0);
-        softmax.update(s, acc_o);
+        const float c = transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
+                                                        op.gathered ? op.keys.key : nullptr, nullptr, row0() + gid, 0);
+        softmax.update(s, acc_o, c);
 
         // O += P V: P (64, kBlockN) as A fragments straight from the S accumulators.
         uint32_t a[kBlockN / 16][4];
