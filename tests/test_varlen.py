@@ -127,6 +127,21 @@ def test_non_default_scale(device, dtype, scale):
     run_and_check(batch, scale=scale, attn_bias=make_bias(batch, "key", "H"))
 
 
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_non_positive_scale(device, dtype, scale):
+    """Any finite scale is valid. Without bias and softcap the CUDA kernels leave a positive scale
+    to the softmax's exponent (masking.cuh): a scale <= 0 must take the explicit path. Decode
+    blocks (<= 32 rows), prefill blocks and a query-based mask cover every CUDA layout."""
+    decode = make_batch([(1, 300), (4, 1200), (0, 5), (2, 0)], 8, 2, D, dtype, device)
+    prefill = make_batch([(150, 150), (70, 200), (1, 1)], 8, 2, D, dtype, device)
+    for batch in (decode, prefill):
+        run_and_check(batch, scale=scale, is_causal=True)
+        run_and_check(batch, scale=scale, attn_mask=make_mask(batch, "key", "H_k"))
+        run_and_check(batch, scale=scale, attn_mask=make_mask(batch, "query", "H"))
+        run_and_check(batch, scale=scale, attn_bias=make_bias(batch, "key", "H"), is_causal=True)
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_large_scores_are_stable(device, dtype):
     """Scores far outside exp's range (a bias of std 40) still give a finite, correct softmax."""
