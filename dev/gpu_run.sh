@@ -8,6 +8,8 @@
 #   PYTEST_ARGS="-k cuda tests" SKIP_SANITIZER=1 FDM_ARCH_LIST=9.0a bash dev/gpu_run.sh
 #   BENCH_SUITES="decode prefill" BENCH_ARGS="--quick --no-probe" bash dev/gpu_run.sh
 #   NCU_CASES="decode-a decode-c" SKIP_BENCH=1 PYTEST_ARGS=--co bash dev/gpu_run.sh
+#   NCU_SECTIONS="--section WarpStateStats --section SchedulerStats --section SourceCounters" \
+#       NCU_CASES=decode-a SKIP_BENCH=1 PYTEST_ARGS=--co bash dev/gpu_run.sh   # stall reasons, top stall lines
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fdm_out}
@@ -63,12 +65,13 @@ fi
 if [ -n "${NCU_CASES:-}" ]; then
     for case in $NCU_CASES; do
         echo "### $case" >>"$OUT/ncu.txt"
-        ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
+        # shellcheck disable=SC2086  # NCU_SECTIONS is a list of words
+        ncu ${NCU_SECTIONS:---section SpeedOfLight --section Occupancy --section LaunchStats} \
             -k 'regex:^(fwd_kernel|gather_keys_kernel|combine_kernel|tile_visibility_kernel)' --launch-count 3 \
             python3 dev/profile_case.py "$case" --calls 1 >>"$OUT/ncu.txt" 2>&1
         summary+=("ncu        $case: exit $?")
     done
-    grep -E '^### |^  [^ ].*\(fdm_params|Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy|^ +Grid Size' \
+    grep -E '^### |^  [^ ].*\(fdm_params|Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy|^ +Grid Size|Stall|Issued|Eligible' \
         "$OUT/ncu.txt" | cut -c1-110
 fi
 
