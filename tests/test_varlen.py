@@ -131,11 +131,13 @@ def test_non_default_scale(device, dtype, scale):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_non_positive_scale(device, dtype, scale):
     """Any finite scale is valid. Without bias and softcap the CUDA kernels leave a positive scale
-    to the softmax's exponent (masking.cuh): a scale <= 0 must take the explicit path. Decode
-    blocks (<= 32 rows), prefill blocks and a query-based mask cover every CUDA layout."""
+    to the softmax's exponent (masking.cuh): a scale <= 0 must take the explicit path. On CUDA the
+    decode blocks (<= 32 rows) run the key split, the prefill blocks at D = 32 and the query-based
+    masks the row split, and the prefill blocks at D = 64 the warpgroup layout (on Hopper)."""
     decode = make_batch([(1, 300), (4, 1200), (0, 5), (2, 0)], 8, 2, D, dtype, device)
     prefill = make_batch([(150, 150), (70, 200), (1, 1)], 8, 2, D, dtype, device)
-    for batch in (decode, prefill):
+    prefill_64 = make_batch([(150, 150), (70, 200), (1, 1)], 8, 2, 64, dtype, device)
+    for batch in (decode, prefill, prefill_64):
         run_and_check(batch, scale=scale, is_causal=True)
         run_and_check(batch, scale=scale, attn_mask=make_mask(batch, "key", "H_k"))
         run_and_check(batch, scale=scale, attn_mask=make_mask(batch, "query", "H"))

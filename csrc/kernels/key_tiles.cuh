@@ -181,6 +181,8 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
         st.row[tid] = col.row;
         st.bias[tid] = col.bias_bits != 0u ? bias_from_bits(p.bias, col.bias_bits) * kLog2e : 0.f;  // log2 domain
         st.keep[tid] = keep;
+        // Read by the contiguous tiles' test only (gathered tiles return before it). Dropping the
+        // unread gather half changes the kernels' SASS, so it waits for a GPU to time it.
         any = plan.gather ? col.key < c.key_end : key_mask && keep;
         next.n = -1;
         const int n_ahead = kFromBitmap && plan.tile_bitmap ? bitmap.next(n + 1, n_stop) : n + 1;
@@ -249,11 +251,11 @@ __device__ __forceinline__ void load_key_tile_async(const fdm_params &p, const F
     if (staged_rows) {  // rows staged by prepare_key_tile
         load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
                                  [&](int r) { return st.row[r]; }, head_dim);
-    } else if constexpr (kRangeCopy<Tile>) {  // packed rows k_start + j
+    } else if constexpr (kRangeCopy<Tile>) {  // packed rows k_start + j0 + [0, valid)
         const int64_t row0 = c.seq.k_start + j0;
         load_kv_range_async<Tile>(k_tile, v_tile, k_head + row0 * p.k_row_stride, v_head + row0 * p.v_row_stride,
                                   p.k_row_stride, p.v_row_stride, valid, head_dim);
-    } else {
+    } else {  // the same, where the copies do not come in whole rows (kRangeCopy)
         const int64_t row0 = c.seq.k_start + j0;
         load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
                                  [&](int r) { return r < valid ? row0 + r : int64_t(-1); }, head_dim);
