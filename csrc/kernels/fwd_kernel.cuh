@@ -102,10 +102,10 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     float *bias_s = reinterpret_cast<float *>(row_s + Tile::kStages * kBlockN);          // (kStages, kBlockN)
     int *key_s = reinterpret_cast<int *>(bias_s + Tile::kStages * kBlockN);              // (kStages, kBlockN)
     uint8_t *keep_s = reinterpret_cast<uint8_t *>(key_s + Tile::kStages * kBlockN);      // (kStages, kBlockN)
-    unsigned char *exchange = keep_s + Tile::kStages * kBlockN;                           // KeySplitMath's p_s, red_s
-    const auto qmask_stage = [&](int stage) -> uint8_t * {  // qmask_s (kStages, kBlockM, kQMaskStride)
+    uint8_t *qmask_s = keep_s + Tile::kStages * kBlockN;  // (kStages, kBlockM, kQMaskStride), staged masks only
+    const auto qmask_stage = [&](int stage) -> uint8_t * {
         if constexpr (kStagedMask)
-            return exchange + (kKeySplit ? Tile::kExchangeBytes : 0) + stage * Tile::kQMaskStageBytes;
+            return qmask_s + stage * Tile::kQMaskStageBytes;
         else
             return nullptr;
     };
@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
                                   v_s + stage * Tile::kKVElems, qmask_stage(stage));
     };
 
-    Math math(ctx, valid_rows, exchange);
+    // After the last tile the K/V stages are free: KeySplitMath merges its warps' results there.
+    Math math(ctx, valid_rows, reinterpret_cast<unsigned char *>(k_s));
 
     int stage = 0;
     int n = next_visible(n_begin, stage);

@@ -4,7 +4,9 @@
 //   keys[head, k_start + ch * kGatherChunk + e] = e-th visible key of the chunk   (e < count)
 //   counts[head, b, ch] = count
 // Each list lives in the chunk's own rows, so no prefix sum across chunks (and no second pass)
-// is needed; the forward kernel reads a chunk's list only up to its count.
+// is needed; the forward kernel reads a chunk's list only up to its count, and not at all when
+// every key of the chunk is visible (it reads the range then, key_tiles.cuh), so such a chunk's
+// list is not written.
 #include <stdint.h>
 
 #include "fwd_launch.h"
@@ -60,8 +62,9 @@ __global__ void __launch_bounds__(kGatherThreads)
         count += warp_total[w];
     }
 
+    const bool all_visible = count == static_cast<int>(min_i64(kGatherChunk, seq.len_k - chunk_start));
     int32_t *list = keys + head * p.total_k + seq.k_start + chunk_start;  // (kGatherChunk,) at most
-    while (keep != 0) {
+    while (keep != 0 && !all_visible) {
         const int e = __ffs(keep) - 1;
         list[offset++] = first + e;
         keep &= keep - 1;

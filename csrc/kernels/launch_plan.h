@@ -13,8 +13,8 @@
 //     work and K/V bytes scale with the visible keys. Tile n of a CTA is then "virtual": subtile
 //     n % tiles_per_chunk of chunk n / tiles_per_chunk (empty subtiles are skipped).
 //   key split: a block of at most kKeySplitRows rows (a decode block: G heads x 1-8 queries) is
-//     computed with the warps splitting each key tile instead of its rows (tile_math.cuh), so all
-//     4 warps work.
+//     computed with the warps splitting each key tile instead of its rows, each warp with its own
+//     online softmax over its slices of the keys (tile_math.cuh), so all 4 warps work.
 #pragma once
 
 #include <stddef.h>

@@ -10,11 +10,12 @@
 // RowSplitMath (prefill): warp w owns kRowTiles row tiles of 16 rows (rows 16 (w + 4 mt) + [0, 16)),
 //   every key of the tile and every head-dim column of O; P stays in registers. No warp waits for
 //   another.
-// KeySplitMath (decode): warp w owns keys [w kBlockN / 4, (w + 1) kBlockN / 4) of S and head-dim
-//   columns [w D / 4, (w + 1) D / 4) of O, for every row of the block (kKeySplitRows at most).
-//   A decode block has 1-32 rows, which RowSplitMath gives to 1-2 warps: here all 4 work, and each one's chain of MMAs is
-//   2-4x shorter. The price is two barriers per tile: the row maxima (softmax.cuh) and P (kKeySplitRows,
-//   kBlockN) pass through shared memory.
+// KeySplitMath (decode): flash-decoding inside the CTA. A decode block has 1-32 rows (1-2 row
+//   tiles), which RowSplitMath gives to 1-2 warps; here every warp takes one row tile and a slice
+//   of 16 keys of each key tile (two slices for a block of two row tiles; above D = 128 also half
+//   of O's columns) and runs its own online softmax over its slices: S, P and O stay in its
+//   registers and no warp waits for another within a step. The slices' softmax states and
+//   partial O are merged once, after the last tile, through shared memory.
 // Both expose the same interface to fwd_kernel.cuh: step() per tile, finalize() once, then
 // for_each_output() / for_each_lse() to store what this thread holds.
 #pragma once
@@ -52,7 +53,7 @@ struct RowSplitMath {
     static constexpr bool kKeepRows = kRowTiles == 1;
 
     float acc_o[kRowTiles][kDTiles][4];  // O, rows row0(mt) + (gid, gid + 8), columns 8d + 2tig + {0, 1}
-    OnlineSoftmax<kNTiles, kDTiles> softmax[kRowTiles];
+    OnlineSoftmax<kDTiles> softmax[kRowTiles];
     RowInfo kept_rows[kKeepRows ? kRowTiles : 1];
     int warp_tiles;       // row tiles of this warp that hold rows of the block (0: it only helps with loads)
     float lse[kRowTiles][2];
@@ -170,141 +171,176 @@ struct RowSplitMath {
 template <class T, class Tile>
 struct KeySplitMath {
     static constexpr int kWarps = Tile::kWarps;
-    static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kHeadDim = Tile::kHeadDim;
-    static constexpr int kStride = Tile::kRowStride, kPStride = Tile::kPStride;
-    static constexpr int kMTiles = kKeySplitRows / 16;    // 16-row MMA tiles of the block (at most)
-    static constexpr int kWarpKeys = kBlockN / kWarps;    // S columns per warp: 16 or 8
-    static constexpr int kNTiles = kWarpKeys / 8;         // 8-key MMA tiles of S per warp
-    static constexpr int kWarpCols = kHeadDim / kWarps;   // O columns per warp: D / 4
-    static constexpr int kDTiles = kWarpCols / 8;         // 8-column MMA tiles of O per warp
-    static_assert(kNTiles >= 1 && kNTiles <= 2 && kWarpCols % 8 == 0, "key-split tile shapes");
+    static constexpr int kBlockN = Tile::kBlockN, kHeadDim = Tile::kHeadDim, kStride = Tile::kRowStride;
+    // O columns per warp: all of them up to D = 128, half above (64 accumulators a thread at most).
+    static constexpr int kColParts = kHeadDim > 128 ? 2 : 1;
+    static constexpr int kWarpCols = kHeadDim / kColParts;
+    static constexpr int kDTiles = kWarpCols / 8;  // 8-column MMA tiles of O per warp
+    static_assert(kDTiles % 2 == 0, "O column tiles come in pairs (one ldmatrix.x4 of V each)");
+    // A key tile is cut into slices of 16 keys (one k-step of P V). With one row tile every warp
+    // takes one slice (and column part); with two, a warp takes two slices of its row tile.
+    static constexpr int kSliceKeys = 16;
+    static constexpr int kSlices = kBlockN / kSliceKeys;
+    static_assert(kSlices * kColParts == kWarps && kKeySplitRows == 32, "one slice per warp for one row tile");
 
-    float acc_o[kMTiles][kDTiles][4];  // O, rows 16 mt + (gid, gid + 8), columns col0 + 8d + 2tig + {0, 1}
-    static_assert(kMTiles * 16 <= kBlockM, "the block's Q tile holds every row");
-    KeySplitSoftmax<kMTiles, kNTiles, kDTiles, kWarps> softmax;
-    RowInfo rows[kMTiles];
-    int m_tiles;   // row tiles in use: ceil(valid_rows / 16), the same in every warp
-    int key0;      // first S column of this warp
-    int col0;      // first O column of this warp
-    T *p_s;        // (kKeySplitRows, kPStride) P, shared
-    float *red_s;  // (kWarps, kKeySplitRows) row maxima / sums, shared
-    float lse[kMTiles][2];
+    // After the last tile, in `scratch` (the K/V stages, free by then), the warps' partial results:
+    //   stats  (kWarps, 16, 2) float               m_w and l_w of each row of each warp
+    //   o_part (kWarps, 16, kPartStride) float     O_w (not normalized) of each warp
+    static constexpr int kPartStride = kWarpCols + 8;  // 8 floats of padding: conflict-free float2 rows
+    static_assert((kWarps * 32 + kWarps * 16 * kPartStride) * 4 <= 2 * Tile::kStages * Tile::kKVElems * int(sizeof(T)),
+                  "the partial results fit in the K/V stages");
 
-    __device__ __forceinline__ KeySplitMath(const MaskContext &ctx, int valid_rows, unsigned char *exchange) {
-        const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4;
-        m_tiles = (valid_rows + 15) / 16;
-        key0 = warp * kWarpKeys;
-        col0 = warp * kWarpCols;
-        p_s = reinterpret_cast<T *>(exchange);
-        red_s = reinterpret_cast<float *>(p_s + kKeySplitRows * kPStride);
+    float acc_o[kDTiles][4];  // O_w: rows 16 mt + (gid, gid + 8), columns col0 + 8d + 2tig + {0, 1}
+    OnlineSoftmax<kDTiles> softmax;  // m_w, l_w over this warp's slices
+    RowInfo rows;
+    int m_tiles;  // row tiles of the block: 1 (<= 16 rows) or 2, the same in every warp
+    int group;    // warps that share this warp's row tile and columns: kSlices / m_tiles
+    int mt;       // this warp's row tile
+    int rank;     // its place in the group: it takes slices rank, rank + group, ...
+    int col0;     // its first O column
+    float *scratch;
+    float lse[2];
+
+    __device__ __forceinline__ KeySplitMath(const MaskContext &ctx, int valid_rows, unsigned char *after_last_tile) {
+        const int warp = threadIdx.x / 32;
+        m_tiles = valid_rows > 16 ? 2 : 1;
+        group = kSlices / m_tiles;
+        mt = warp % m_tiles;
+        rank = (warp / m_tiles) % group;
+        col0 = (warp / m_tiles / group) * kWarpCols;
+        scratch = reinterpret_cast<float *>(after_last_tile);
         zero_fragments(acc_o);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) rows[mt] = make_row_info(ctx, 16 * mt + gid);
+        rows = make_row_info(ctx, 16 * mt + (threadIdx.x % 32) / 4);
     }
 
-    // Every thread of the CTA calls it (two barriers inside).
     __device__ __forceinline__ void step(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx, int n) {
-        const int lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+#pragma unroll 1
+        for (int k = 0; k < m_tiles; ++k) step_slice(op, p, ctx, n, (rank + k * group) * kSliceKeys);
+    }
 
-        // S = Q K^T: (16 m_tiles, kWarpKeys) per warp, K fragments shared by the row tiles.
-        float s[kMTiles][kNTiles][4];
+    // Keys [key0, key0 + 16) of tile n for this warp's 16 rows.
+    __device__ __forceinline__ void step_slice(const TileOperands<T> &op, const fdm_params &p, const MaskContext &ctx,
+                                               int n, int key0) {
+        constexpr int kNTiles = kSliceKeys / 8;
+        const int lane = threadIdx.x % 32, mi = lane / 8, row0 = 16 * mt;
+
+        // S = Q K^T: (16, 16), rows row0.., keys key0.. of the tile.
+        float s[kNTiles][4];
         zero_fragments(s);
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-            uint32_t b[kNTiles][2];
-            if constexpr (kNTiles == 2) {
-                const int mi = lane / 8;
-                uint32_t bk[4];
-                ldmatrix_x4(bk, smem_addr(op.k_tile + (key0 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 + (mi % 2) * 8));
-                b[0][0] = bk[0], b[0][1] = bk[1], b[1][0] = bk[2], b[1][1] = bk[3];
-            } else {
-                ldmatrix_x2(b[0], smem_addr(op.k_tile + (key0 + lane % 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8));
-            }
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-                if (mt >= m_tiles) break;
-                uint32_t a[4];
-                ldmatrix_x4(a, smem_addr(op.q_s + (16 * mt + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
-#pragma unroll
-                for (int t = 0; t < kNTiles; ++t) mma_16816<T>(s[mt][t], a, b[t][0], b[t][1]);
-            }
+            uint32_t a[4], bk[4];
+            ldmatrix_x4(a, smem_addr(op.q_s + (row0 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
+            ldmatrix_x4(bk, smem_addr(op.k_tile + (key0 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 + (mi % 2) * 8));
+            mma_16816<T>(s[0], a, bk[0], bk[1]);
+            mma_16816<T>(s[1], a, bk[2], bk[3]);
         }
 
-        // X = c transform(S), then P of this warp's columns, written to p_s for every warp's P V
-        // (c, the factor left to the softmax, is the same for every tile of a call).
-        float c = 1.f;
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-            if (mt >= m_tiles) break;
-            c = transform_scores<Tile, kNTiles>(s[mt], p, ctx, rows[mt], n, op.keys.keep, op.keys.bias,
-                                                op.gathered ? op.keys.key : nullptr, op.qmask, 16 * mt + gid, key0);
-        }
-        softmax.update(s, acc_o, m_tiles, red_s, c);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-            if (mt >= m_tiles) break;
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-#pragma unroll
-                for (int t = 0; t < kNTiles; ++t)
-                    *reinterpret_cast<uint32_t *>(p_s + (16 * mt + gid + 8 * r) * kPStride + key0 + 8 * t + 2 * tig) =
-                        pack2<T>(s[mt][t][2 * r], s[mt][t][2 * r + 1]);
-        }
-        __syncthreads();
+        // X = transform(S) in the log2 domain, then P, in registers.
+        const float c = transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
+                                                        op.gathered ? op.keys.key : nullptr, op.qmask,
+                                                        row0 + lane / 4, key0);
+        softmax.update(s, acc_o, c);
 
-        // O[:, col0 : col0 + kWarpCols] += P V[:, col0 : col0 + kWarpCols].
+        // O[:, col0 : col0 + kWarpCols] += P V[key0 : key0 + 16, col0 : col0 + kWarpCols].
+        uint32_t a[4];
+        p_fragment<T>(s, 0, a);
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            uint32_t b[kDTiles][2];
-#pragma unroll
-            for (int dd = 0; dd + 1 < kDTiles; dd += 2) {
-                const int mi = lane / 8;
-                uint32_t bv[4];
-                ldmatrix_x4_trans(bv, smem_addr(op.v_tile + (kk * 16 + lane % 8 + (mi % 2) * 8) * kStride + col0 + dd * 8 +
-                                                (mi / 2) * 8));
-                b[dd][0] = bv[0], b[dd][1] = bv[1], b[dd + 1][0] = bv[2], b[dd + 1][1] = bv[3];
-            }
-            if constexpr (kDTiles % 2 == 1) {
-                ldmatrix_x2_trans(b[kDTiles - 1], smem_addr(op.v_tile + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kStride +
-                                                            col0 + (kDTiles - 1) * 8));
-            }
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-                if (mt >= m_tiles) break;
-                uint32_t a[4];
-                ldmatrix_x4(a, smem_addr(p_s + (16 * mt + lane % 16) * kPStride + kk * 16 + (lane / 16) * 8));
-#pragma unroll
-                for (int d = 0; d < kDTiles; ++d) mma_16816<T>(acc_o[mt][d], a, b[d][0], b[d][1]);
-            }
+        for (int dd = 0; dd < kDTiles / 2; ++dd) {
+            uint32_t bv[4];
+            ldmatrix_x4_trans(bv, smem_addr(op.v_tile + (key0 + lane % 8 + (mi % 2) * 8) * kStride + col0 + dd * 16 +
+                                            (mi / 2) * 8));
+            mma_16816<T>(acc_o[2 * dd], a, bv[0], bv[1]);
+            mma_16816<T>(acc_o[2 * dd + 1], a, bv[2], bv[3]);
         }
     }
 
-    __device__ __forceinline__ void finalize() { softmax.finalize(acc_o, lse, m_tiles, red_s); }
-
-    template <class F>
-    __device__ __forceinline__ void for_each_output(const F &f) const {
-        const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+    // Merges the partial results of each group into its rank-0 warp, which then holds
+    //   m = max_w m_w,  l = sum_w 2^(m_w - m) l_w,  O = sum_w 2^(m_w - m) O_w / l,  lse = (m + log2 l) ln 2
+    // (a row every slice saw only hidden keys: m = -inf, l = 0, O = 0, lse = -inf). Every thread
+    // calls it (one CTA barrier); the K/V stages must be free (no copy in flight, no warp reading).
+    __device__ __forceinline__ void finalize() {
+        if (group == 1) {
+            softmax.finalize(acc_o, lse);
+            return;
+        }
+        const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+        float *stats = scratch;                          // (kWarps, 16, 2)
+        float *o_part = scratch + kWarps * 32;           // (kWarps, 16, kPartStride)
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-            if (mt >= m_tiles) break;
+        for (int r = 0; r < 2; ++r) {
+            const float l_w = quad_sum(softmax.row_sum[r]);
+            if (tig == 0) {
+                stats[(warp * 16 + gid + 8 * r) * 2] = softmax.row_max[r];
+                stats[(warp * 16 + gid + 8 * r) * 2 + 1] = l_w;
+            }
+        }
+        if (rank != 0) {
 #pragma unroll
             for (int r = 0; r < 2; ++r)
 #pragma unroll
                 for (int d = 0; d < kDTiles; ++d)
-                    f(16 * mt + gid + 8 * r, col0 + d * 8 + 2 * tig, acc_o[mt][d][2 * r], acc_o[mt][d][2 * r + 1]);
+                    *reinterpret_cast<float2 *>(o_part + (warp * 16 + gid + 8 * r) * kPartStride + 8 * d + 2 * tig) =
+                        make_float2(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+        }
+        __syncthreads();
+        if (rank != 0) return;
+        // Warp w + k m_tiles (k < group) is rank k of this warp's group.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = gid + 8 * r;
+            float m = -INFINITY;
+            for (int k = 0; k < group; ++k) m = fmaxf(m, stats[((warp + k * m_tiles) * 16 + row) * 2]);
+            const float base = m == -INFINITY ? 0.f : m;
+            const float f_self = exp2f(softmax.row_max[r] - base);
+            float l = 0.f;
+            for (int k = 0; k < group; ++k) {
+                const float *st = stats + ((warp + k * m_tiles) * 16 + row) * 2;
+                l += exp2f(st[0] - base) * st[1];
+            }
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d) {
+                acc_o[d][2 * r] *= f_self;
+                acc_o[d][2 * r + 1] *= f_self;
+            }
+            for (int k = 1; k < group; ++k) {
+                const int w = warp + k * m_tiles;
+                const float f = exp2f(stats[(w * 16 + row) * 2] - base);
+                const float *o_row = o_part + (w * 16 + row) * kPartStride + 2 * tig;
+#pragma unroll
+                for (int d = 0; d < kDTiles; ++d) {
+                    const float2 o = *reinterpret_cast<const float2 *>(o_row + 8 * d);
+                    acc_o[d][2 * r] = fmaf(f, o.x, acc_o[d][2 * r]);
+                    acc_o[d][2 * r + 1] = fmaf(f, o.y, acc_o[d][2 * r + 1]);
+                }
+            }
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            lse[r] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d) {
+                acc_o[d][2 * r] *= inv;
+                acc_o[d][2 * r + 1] *= inv;
+            }
         }
     }
-    // Every warp holds the same lse: warp 0 stores it.
+
+    // The rank-0 warps hold the result.
+    template <class F>
+    __device__ __forceinline__ void for_each_output(const F &f) const {
+        if (rank != 0) return;
+        const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d)
+                f(16 * mt + gid + 8 * r, col0 + d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+    }
     template <class F>
     __device__ __forceinline__ void for_each_lse(const F &f) const {
-        if (threadIdx.x >= 32 || threadIdx.x % 4 != 0) return;
-        const int gid = threadIdx.x / 4;
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-            if (mt >= m_tiles) break;
-            f(16 * mt + gid, lse[mt][0]);
-            f(16 * mt + gid + 8, lse[mt][1]);
-        }
+        if (rank != 0 || col0 != 0 || threadIdx.x % 4 != 0) return;
+        const int gid = (threadIdx.x % 32) / 4;
+        f(16 * mt + gid, lse[0]);
+        f(16 * mt + gid + 8, lse[1]);
     }
 };
 

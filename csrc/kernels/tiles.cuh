@@ -62,18 +62,13 @@ struct FwdTile {
     static constexpr int kKeyStageBytes = kBlockN * (8 + 4 + 4 + 1);
     static constexpr int kSmemBytes = 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;
 
-    // The key-split layout (tile_math.cuh) adds its cross-warp exchange after keep_s:
-    //   p_s      (kKeySplitRows, kPStride) T            P of the tile, shared by the warps' P V
-    //   red_s    (kWarps, kKeySplitRows) float          per-warp row maxima, then row sums
-    static constexpr int kPStride = kBlockN + 8;                // +16 bytes: conflict-free like kRowStride
-    static constexpr int kExchangeBytes = 2 * kKeySplitRows * kPStride + 4 * kWarps * kKeySplitRows;
-
     // Then, with a staged query-based mask (launch_plan.h, use_staged_query_mask):
     //   qmask_s  (kStages, kBlockM, kQMaskStride) uint8 the tile's block of the mask (1 = keep)
     static constexpr int kQMaskStride = kBlockN + 16;           // rows 16-byte aligned for cp.async
     static constexpr int kQMaskStageBytes = kBlockM * kQMaskStride;
-    static constexpr int smem_bytes(bool key_split, bool staged_mask) {
-        return kSmemBytes + (key_split ? kExchangeBytes : 0) + (staged_mask ? kStages * kQMaskStageBytes : 0);
+    // (The key-split layout merges its warps' partial results in the K/V stages, after the last tile.)
+    static constexpr int smem_bytes(bool, bool staged_mask) {
+        return kSmemBytes + (staged_mask ? kStages * kQMaskStageBytes : 0);
     }
     static constexpr int kMaxCtasPerSm = 8;  // no register cap: the plan counts shared memory alone here
 
@@ -304,6 +299,11 @@ __device__ __forceinline__ void zero_fragments(float (&x)[kM][kN][4]) {
     for (int m = 0; m < kM; ++m)
 #pragma unroll
         for (int n = 0; n < kN; ++n) x[m][n][0] = x[m][n][1] = x[m][n][2] = x[m][n][3] = 0.f;
+}
+template <int kN>
+__device__ __forceinline__ void zero_fragments(float (&x)[kN][4]) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) x[n][0] = x[n][1] = x[n][2] = x[n][3] = 0.f;
 }
 
 // Two floats rounded to one 32-bit register of T pairs (lo = a, hi = b).

@@ -32,7 +32,7 @@ struct WarpgroupMath {
     static constexpr int kDTiles = kHeadDim / 8;  // 8-column tiles of O per warp
 
     float acc_o[kDTiles][4];  // O, rows row0() + (gid, gid + 8), columns 8d + 2tig + {0, 1}
-    OnlineSoftmax<kNTiles, kDTiles> softmax;
+    OnlineSoftmax<kDTiles> softmax;
     RowInfo rows;
     bool active;              // this warpgroup holds rows of the block (uniform per warpgroup)
     bool pingpong;            // both warpgroups hold rows (uniform per CTA): their steps are staggered
