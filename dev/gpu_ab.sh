@@ -14,6 +14,8 @@
 #   AB_SUITES="prefill" AB_ONLY="prefill-(a|b)" AB_PATCHES=... bash dev/gpu_ab.sh
 #   AB_DRY_RUN=1 AB_PATCHES=... bash dev/gpu_ab.sh   # here, before a device call: do the patches
 #                                                    # reverse and re-apply cleanly?
+#   AB_BENCH_ARGS=--no-check AB_PATCHES=... bash dev/gpu_ab.sh   # variants that compute a wrong
+#                                                    # output on purpose (a stage left out, to time the rest)
 #
 # Prints, last, one row per case: the median ms of every version and each one's ratio to the base.
 set -uo pipefail
@@ -46,7 +48,7 @@ run_version() {  # $1 = label
     fi
     for suite in ${AB_SUITES:-prefill decode}; do
         python3 benchmarks/bench_varlen.py --device cuda --suite "$suite" --quick --no-probe --peers "" \
-            ${AB_ONLY:+--only "$AB_ONLY"} --markdown "$OUT/bench-$1.md" >>"$OUT/bench-$1.log" 2>&1 ||
+            ${AB_ONLY:+--only "$AB_ONLY"} ${AB_BENCH_ARGS:-} --markdown "$OUT/bench-$1.md" >>"$OUT/bench-$1.log" 2>&1 ||
             { echo "benchmark $suite failed for $1 (bench-$1.log)"; tail -5 "$OUT/bench-$1.log"; status=1; }
     done
 }

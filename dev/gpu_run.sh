@@ -60,13 +60,13 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     grep -E '^(\||\*\*)' "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 fi
 
-# 5. Nsight Compute speed-of-light of every kernel of one checked call per case of NCU_CASES
+# 5. Nsight Compute (at the clocks the GPU runs, --clock-control none) of every kernel of one checked call per case of NCU_CASES
 #    (dev/profile_case.py; the reference's kernels are not ours, so the name filter skips them).
 if [ -n "${NCU_CASES:-}" ]; then
     for case in $NCU_CASES; do
         echo "### $case" >>"$OUT/ncu.txt"
         # shellcheck disable=SC2086  # NCU_SECTIONS is a list of words
-        ncu ${NCU_SECTIONS:---section SpeedOfLight --section Occupancy --section LaunchStats} \
+        ncu --clock-control none ${NCU_SECTIONS:---section SpeedOfLight --section Occupancy --section LaunchStats} \
             -k 'regex:^(fwd_kernel|gather_keys_kernel|combine_kernel|tile_visibility_kernel)' --launch-count 3 \
             python3 dev/profile_case.py "$case" --calls 1 >>"$OUT/ncu.txt" 2>&1
         summary+=("ncu        $case: exit $?")
