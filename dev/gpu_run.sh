@@ -60,8 +60,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     grep -E '^(\||\*\*)' "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 fi
 
-# 5. Nsight Compute (at the clocks the GPU runs, --clock-control none) of every kernel of one checked call per case of NCU_CASES
-#    (dev/profile_case.py; the reference's kernels are not ours, so the name filter skips them).
+# 5. Nsight Compute, at the clocks the GPU runs (--clock-control none), of every kernel of one
+#    checked call per case of NCU_CASES (dev/profile_case.py; the reference's kernels are not ours,
+#    so the name filter skips them).
 if [ -n "${NCU_CASES:-}" ]; then
     for case in $NCU_CASES; do
         echo "### $case" >>"$OUT/ncu.txt"

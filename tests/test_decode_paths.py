@@ -441,7 +441,8 @@ def test_warp_layouts(monkeypatch, device, dtype, head_dim, heads, layout):
     """Decode batches through the three layouts of the CTA's threads: the key split (every warp
     takes 16-key slices of each key tile with its own softmax, merged after the last tile: four
     warps per row tile for blocks of <= 16 rows, two for 17-32 rows (GQA, 5-8 queries), and above
-    D = 128 each warp half of O's columns, so D = 192 and 256 with 17-32 rows merge nothing), the row split, and the
+    D = 128 each warp half of O's columns, so D = 192 and 256 with 17-32 rows merge nothing), the
+    row split, and the
     warpgroup layout (on Hopper, for D = 64, 128 and 256 and no query-based mask; elsewhere the
     override falls back to the row split). Each operand variant once, causal or not, at the
     heuristic's split count or at 7 splits (fresh inputs per check)."""

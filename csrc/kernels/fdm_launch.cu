@@ -27,7 +27,7 @@ struct FwdShape {
 template <int kHeadDim, fdm::FwdLayout kLayout, bool kStagedMask>
 FwdShape shape_of() {
     using Tile = fdm::FwdTileOf<kHeadDim, kLayout, kStagedMask>;
-    const int by_smem = fdm::fwd_ctas_per_sm(Tile::smem_bytes(kLayout == fdm::FwdLayout::kKeys, kStagedMask));
+    const int by_smem = fdm::fwd_ctas_per_sm(Tile::smem_bytes(kStagedMask));
     return {Tile::kBlockM, Tile::kBlockN, by_smem < Tile::kMaxCtasPerSm ? by_smem : Tile::kMaxCtasPerSm};
 }
 template <int kHeadDim>

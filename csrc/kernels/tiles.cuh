@@ -67,7 +67,7 @@ struct FwdTile {
     static constexpr int kQMaskStride = kBlockN + 16;           // rows 16-byte aligned for cp.async
     static constexpr int kQMaskStageBytes = kBlockM * kQMaskStride;
     // (The key-split layout merges its warps' partial results in the K/V stages, after the last tile.)
-    static constexpr int smem_bytes(bool, bool staged_mask) {
+    static constexpr int smem_bytes(bool staged_mask) {
         return kSmemBytes + (staged_mask ? kStages * kQMaskStageBytes : 0);
     }
     static constexpr int kMaxCtasPerSm = 8;  // no register cap: the plan counts shared memory alone here
@@ -110,7 +110,7 @@ struct WarpgroupTile {
     static constexpr int kSmemBytes =
         kSwizzleAlign + 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;  // with the alignment slack
     static constexpr int kQMaskStride = kBlockN + 16;  // named by transform_scores; no staged mask here
-    static constexpr int smem_bytes(bool, bool) { return kSmemBytes; }
+    static constexpr int smem_bytes(bool) { return kSmemBytes; }
     // Resident CTAs per SM: ptxas gives these kernels ~255 registers a thread (capping them at 128
     // for two CTAs of D = 64 spilled 1.7 KB), so registers allow one, whatever the shared memory.
     static constexpr int kMaxCtasPerSm = 1;
