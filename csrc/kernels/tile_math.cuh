@@ -199,7 +199,10 @@ struct KeySplitMath {
     int rank;     // its place in the group: it takes slices rank, rank + group, ...
     int col0;     // its first O column
     float *scratch;
-    float lse[2];
+    float lse[2];      // lse of rows gid, gid + 8 (group == 1) or of merge_row (lse[0])
+    int merge_row;     // after finalize() with group > 1: the row (of the row tile) this lane merges
+    int merge_lane;    // and its place among the row's 2 group lanes
+    float weight[kSlices];  // 2^(m_w - m) / l of group warp w for merge_row
 
     __device__ __forceinline__ KeySplitMath(const MaskContext &ctx, int valid_rows, unsigned char *after_last_tile) {
         const int warp = threadIdx.x / 32;
@@ -255,18 +258,20 @@ struct KeySplitMath {
         }
     }
 
-    // Merges the partial results of each group into its rank-0 warp, which then holds
+    // Merges the partial results of each group (the warps with this warp's row tile and columns):
     //   m = max_w m_w,  l = sum_w 2^(m_w - m) l_w,  O = sum_w 2^(m_w - m) O_w / l,  lse = (m + log2 l) ln 2
-    // (a row every slice saw only hidden keys: m = -inf, l = 0, O = 0, lse = -inf). Every thread
-    // calls it (one CTA barrier); the K/V stages must be free (no copy in flight, no warp reading).
+    // (a row every slice saw only hidden keys: m = -inf, l = 0, O = 0, lse = -inf). Every warp
+    // publishes its (m_w, l_w, O_w), then the group's warps share the merge: each takes 16 / group
+    // of the rows, 2 group lanes a row, and here computes its row's weights 2^(m_w - m) / l;
+    // for_each_output() reads the O_w back. Every thread calls it (one CTA barrier); the K/V
+    // stages must be free (no copy in flight, no warp reading).
     __device__ __forceinline__ void finalize() {
         if (group == 1) {
             softmax.finalize(acc_o, lse);
             return;
         }
-        const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-        float *stats = scratch;                          // (kWarps, 16, 2)
-        float *o_part = scratch + kWarps * 32;           // (kWarps, 16, kPartStride)
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+        float *stats = scratch;  // (kWarps, 16, 2)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l_w = quad_sum(softmax.row_sum[r]);
@@ -274,73 +279,85 @@ struct KeySplitMath {
                 stats[(warp * 16 + gid + 8 * r) * 2] = softmax.row_max[r];
                 stats[(warp * 16 + gid + 8 * r) * 2 + 1] = l_w;
             }
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d)
+                *reinterpret_cast<float2 *>(o_part(warp, gid + 8 * r) + 8 * d + 2 * tig) =
+                    make_float2(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
         }
-        if (rank != 0) {
+        __syncthreads();
+        const int lanes_per_row = 2 * group;
+        merge_row = rank * (16 / group) + lane / lanes_per_row;
+        merge_lane = lane % lanes_per_row;
+        float m = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < kSlices; ++k)
+            if (k < group) m = fmaxf(m, stats[(group_warp(k) * 16 + merge_row) * 2]);
+        const float base = m == -INFINITY ? 0.f : m;
+        float l = 0.f;
+#pragma unroll
+        for (int k = 0; k < kSlices; ++k) {
+            weight[k] = 0.f;
+            if (k < group) {
+                const float *st = stats + (group_warp(k) * 16 + merge_row) * 2;
+                weight[k] = exp2f(st[0] - base);
+                l += weight[k] * st[1];
+            }
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int k = 0; k < kSlices; ++k) weight[k] *= inv;
+        lse[0] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    }
+
+    template <class F>
+    __device__ __forceinline__ void for_each_output(const F &f) const {
+        if (group == 1) {  // one warp per row tile and columns: its fragments are the result
+            const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
 #pragma unroll
             for (int r = 0; r < 2; ++r)
 #pragma unroll
                 for (int d = 0; d < kDTiles; ++d)
-                    *reinterpret_cast<float2 *>(o_part + (warp * 16 + gid + 8 * r) * kPartStride + 8 * d + 2 * tig) =
-                        make_float2(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+                    f(16 * mt + gid + 8 * r, col0 + d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+            return;
         }
-        __syncthreads();
-        if (rank != 0) return;
-        // Warp w + k m_tiles (k < group) is rank k of this warp's group.
+        // Row merge_row: this lane's 4 columns c, c + 4 * lanes_per_row, ... (a row's lanes read
+        // consecutive 16 bytes: conflict-free), O = sum_w weight_w O_w.
+        const int step = 8 * group;
+        for (int c = 4 * merge_lane; c < kWarpCols; c += step) {
+            float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = gid + 8 * r;
-            float m = -INFINITY;
-            for (int k = 0; k < group; ++k) m = fmaxf(m, stats[((warp + k * m_tiles) * 16 + row) * 2]);
-            const float base = m == -INFINITY ? 0.f : m;
-            const float f_self = exp2f(softmax.row_max[r] - base);
-            float l = 0.f;
-            for (int k = 0; k < group; ++k) {
-                const float *st = stats + ((warp + k * m_tiles) * 16 + row) * 2;
-                l += exp2f(st[0] - base) * st[1];
-            }
-#pragma unroll
-            for (int d = 0; d < kDTiles; ++d) {
-                acc_o[d][2 * r] *= f_self;
-                acc_o[d][2 * r + 1] *= f_self;
-            }
-            for (int k = 1; k < group; ++k) {
-                const int w = warp + k * m_tiles;
-                const float f = exp2f(stats[(w * 16 + row) * 2] - base);
-                const float *o_row = o_part + (w * 16 + row) * kPartStride + 2 * tig;
-#pragma unroll
-                for (int d = 0; d < kDTiles; ++d) {
-                    const float2 o = *reinterpret_cast<const float2 *>(o_row + 8 * d);
-                    acc_o[d][2 * r] = fmaf(f, o.x, acc_o[d][2 * r]);
-                    acc_o[d][2 * r + 1] = fmaf(f, o.y, acc_o[d][2 * r + 1]);
+            for (int k = 0; k < kSlices; ++k) {
+                if (k < group) {
+                    const float4 v = *reinterpret_cast<const float4 *>(o_part(group_warp(k), merge_row) + c);
+                    o.x = fmaf(weight[k], v.x, o.x);
+                    o.y = fmaf(weight[k], v.y, o.y);
+                    o.z = fmaf(weight[k], v.z, o.z);
+                    o.w = fmaf(weight[k], v.w, o.w);
                 }
             }
-            const float inv = l > 0.f ? 1.f / l : 0.f;
-            lse[r] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
-#pragma unroll
-            for (int d = 0; d < kDTiles; ++d) {
-                acc_o[d][2 * r] *= inv;
-                acc_o[d][2 * r + 1] *= inv;
-            }
+            f(16 * mt + merge_row, col0 + c, o.x, o.y);
+            f(16 * mt + merge_row, col0 + c + 2, o.z, o.w);
         }
-    }
-
-    // The rank-0 warps hold the result.
-    template <class F>
-    __device__ __forceinline__ void for_each_output(const F &f) const {
-        if (rank != 0) return;
-        const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int d = 0; d < kDTiles; ++d)
-                f(16 * mt + gid + 8 * r, col0 + d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
     }
     template <class F>
     __device__ __forceinline__ void for_each_lse(const F &f) const {
-        if (rank != 0 || col0 != 0 || threadIdx.x % 4 != 0) return;
-        const int gid = (threadIdx.x % 32) / 4;
-        f(16 * mt + gid, lse[0]);
-        f(16 * mt + gid + 8, lse[1]);
+        if (col0 != 0) return;
+        if (group == 1) {
+            if (threadIdx.x % 4 != 0) return;
+            const int gid = (threadIdx.x % 32) / 4;
+            f(16 * mt + gid, lse[0]);
+            f(16 * mt + gid + 8, lse[1]);
+        } else if (merge_lane == 0) {
+            f(16 * mt + merge_row, lse[0]);
+        }
+    }
+
+  private:
+    // Warp k of this warp's group (rank k, same row tile and columns).
+    __device__ __forceinline__ int group_warp(int k) const { return mt + m_tiles * (k + group * (col0 / kWarpCols)); }
+    // Row `row` (of 16) of warp w's published O_w: kWarpCols floats.
+    __device__ __forceinline__ float *o_part(int w, int row) const {
+        return scratch + kWarps * 32 + (w * 16 + row) * kPartStride;
     }
 };
 
