@@ -2,7 +2,8 @@
 heuristic (launch_plan.h) against the best fixed choice. Each setting is validated against the
 SDPA-math reference of the benchmark (peers.reference) before it is timed.
 
-    python dev/sweep_splits.py [--cases decode-a,decode-b,decode-c,decode-d]
+    python dev/sweep_splits.py [--cases decode-a,decode-b,decode-c,decode-d] [--splits auto,8,16]
+        [--gather auto,0,1]
 """
 import argparse
 import os
@@ -15,27 +16,30 @@ import bench_varlen  # noqa: E402
 import peers  # noqa: E402
 import shapes  # noqa: E402
 
-SPLITS = ["auto", "1", "2", "4", "8", "16", "32", "64", "128"]
+SPLITS = "auto,1,2,4,8,16,32,64,128"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="decode-a,decode-b,decode-c,decode-d")
+    ap.add_argument("--splits", default=SPLITS, help="comma-separated split counts, 'auto' for the plan's")
+    ap.add_argument("--gather", default="auto,0,1", help="comma-separated gathered-key switches")
     args = ap.parse_args()
+    splits_list = args.splits.split(",")
     timer = bench_varlen.Timer("cuda", quick=True)
     bandwidth = bench_varlen.measure_floors(timer)["bandwidth"]
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; cells: ms (% of byte floor)")
-    print("| case | gather | " + " | ".join(f"splits={s}" for s in SPLITS) + " |")
-    print("|---|---|" + "---|" * len(SPLITS))
+    print("| case | gather | " + " | ".join(f"splits={s}" for s in splits_list) + " |")
+    print("|---|---|" + "---|" * len(splits_list))
     for case in shapes.cuda_decode_cases():
         if case.name not in args.cases.split(","):
             continue
         inp = shapes.make_inputs(case, "cuda")
         ref = peers.reference(case, inp, case.dtype, budget_bytes=4 << 30)
         floor_ms = shapes.work_of(case, inp).bytes / bandwidth * 1e3
-        for gather in ("auto", "0", "1"):
+        for gather in args.gather.split(","):
             cells = []
-            for splits in SPLITS:
+            for splits in splits_list:
                 os.environ.pop("FLASH_DMATTN_NUM_SPLITS", None)
                 os.environ.pop("FLASH_DMATTN_GATHER_KEYS", None)
                 if splits != "auto":
