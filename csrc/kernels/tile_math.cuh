@@ -17,7 +17,8 @@
 //   registers and no warp waits for another within a step. The slices' softmax states and
 //   partial O are merged once, after the last tile, through shared memory.
 // Both expose the same interface to fwd_kernel.cuh: step() per tile, finalize() once, then
-// for_each_output() / for_each_lse() to store what this thread holds.
+// for_each_output() / for_each_lse() to store the result rows this thread finishes (KeySplitMath
+// reads its slices' merged O back from shared memory there).
 #pragma once
 
 #include "../fdm_params.h"
