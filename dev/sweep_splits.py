@@ -25,19 +25,19 @@ def main():
     ap.add_argument("--splits", default=SPLITS, help="comma-separated split counts, 'auto' for the plan's")
     ap.add_argument("--gather", default="auto,0,1", help="comma-separated gathered-key switches")
     args = ap.parse_args()
-    splits_list = args.splits.split(",")
+    cases, splits_list, gathers = args.cases.split(","), args.splits.split(","), args.gather.split(",")
     timer = bench_varlen.Timer("cuda", quick=True)
     bandwidth = bench_varlen.measure_floors(timer)["bandwidth"]
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; cells: ms (% of byte floor)")
     print("| case | gather | " + " | ".join(f"splits={s}" for s in splits_list) + " |")
     print("|---|---|" + "---|" * len(splits_list))
     for case in shapes.cuda_decode_cases():
-        if case.name not in args.cases.split(","):
+        if case.name not in cases:
             continue
         inp = shapes.make_inputs(case, "cuda")
         ref = peers.reference(case, inp, case.dtype, budget_bytes=4 << 30)
         floor_ms = shapes.work_of(case, inp).bytes / bandwidth * 1e3
-        for gather in args.gather.split(","):
+        for gather in gathers:
             cells = []
             for splits in splits_list:
                 os.environ.pop("FLASH_DMATTN_NUM_SPLITS", None)

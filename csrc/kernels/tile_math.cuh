@@ -187,7 +187,8 @@ struct KeySplitMath {
     // After the last tile, in `scratch` (the K/V stages, free by then), the warps' partial results:
     //   stats  (kWarps, 16, 2) float               m_w and l_w of each row of each warp
     //   o_part (kWarps, 16, kPartStride) float     O_w (not normalized) of each warp
-    static constexpr int kPartStride = kWarpCols + 8;  // 8 floats of padding: conflict-free float2 rows
+    static constexpr int kPartStride = kWarpCols + 8;  // 8 floats of padding: conflict-free float2 writes
+                                                       // (and a row's float4 reads are consecutive)
     static_assert((kWarps * 32 + kWarps * 16 * kPartStride) * 4 <= 2 * Tile::kStages * Tile::kKVElems * int(sizeof(T)),
                   "the partial results fit in the K/V stages");
 
@@ -272,13 +273,12 @@ struct KeySplitMath {
             return;
         }
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
-        float *stats = scratch;  // (kWarps, 16, 2)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l_w = quad_sum(softmax.row_sum[r]);
             if (tig == 0) {
-                stats[(warp * 16 + gid + 8 * r) * 2] = softmax.row_max[r];
-                stats[(warp * 16 + gid + 8 * r) * 2 + 1] = l_w;
+                stats(warp, gid + 8 * r)[0] = softmax.row_max[r];
+                stats(warp, gid + 8 * r)[1] = l_w;
             }
 #pragma unroll
             for (int d = 0; d < kDTiles; ++d)
@@ -292,14 +292,14 @@ struct KeySplitMath {
         float m = -INFINITY;
 #pragma unroll
         for (int k = 0; k < kSlices; ++k)
-            if (k < group) m = fmaxf(m, stats[(group_warp(k) * 16 + merge_row) * 2]);
+            if (k < group) m = fmaxf(m, stats(group_warp(k), merge_row)[0]);
         const float base = m == -INFINITY ? 0.f : m;
         float l = 0.f;
 #pragma unroll
         for (int k = 0; k < kSlices; ++k) {
             weight[k] = 0.f;
             if (k < group) {
-                const float *st = stats + (group_warp(k) * 16 + merge_row) * 2;
+                const float *st = stats(group_warp(k), merge_row);
                 weight[k] = exp2f(st[0] - base);
                 l += weight[k] * st[1];
             }
@@ -356,6 +356,8 @@ struct KeySplitMath {
   private:
     // Warp k of this warp's group (rank k, same row tile and columns).
     __device__ __forceinline__ int group_warp(int k) const { return mt + m_tiles * (k + group * (col0 / kWarpCols)); }
+    // (m_w, l_w) of row `row` (of 16) of warp w.
+    __device__ __forceinline__ float *stats(int w, int row) const { return scratch + (w * 16 + row) * 2; }
     // Row `row` (of 16) of warp w's published O_w: kWarpCols floats.
     __device__ __forceinline__ float *o_part(int w, int row) const {
         return scratch + kWarps * 32 + (w * 16 + row) * kPartStride;
