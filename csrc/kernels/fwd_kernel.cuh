@@ -71,6 +71,8 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     ctx.heads_per_cta = P;
     ctx.m0 = m_block * kBlockM;
     ctx.is_causal = p.is_causal;
+    ctx.key_bias0 = p.bias.layout == FDM_LAYOUT_KEY ? fdm_operand_offset(&p.bias, &ctx.seq, ctx.hk, ctx.g, 0, 0) : 0;
+    ctx.key_mask0 = p.mask.layout == FDM_LAYOUT_KEY ? fdm_operand_offset(&p.mask, &ctx.seq, ctx.hk, ctx.g, 0, 0) : 0;
     if (ctx.m0 >= ctx.seq.len_q * P) return;
     const int valid_rows = static_cast<int>(min_i64(kBlockM, ctx.seq.len_q * P - ctx.m0));
 

@@ -119,10 +119,10 @@ __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const
     col.key = j;
     col.row = has_key && (plan.gather || p.block_table != nullptr) ? fdm_key_row(&p, &c.seq, j) : -1;
     col.bias_bits = has_key && p.bias.ptr != nullptr && p.bias.layout == FDM_LAYOUT_KEY
-                        ? operand_bits(p.bias, fdm_operand_offset(&p.bias, &c.seq, c.hk, c.g, 0, j))
+                        ? operand_bits(p.bias, c.key_bias0 + j * p.bias.stride_k)
                         : 0u;
     const bool read_mask = has_key && !plan.gather && p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_KEY;
-    col.keep_bits = read_mask ? operand_bits(p.mask, fdm_operand_offset(&p.mask, &c.seq, c.hk, c.g, 0, j))
+    col.keep_bits = read_mask ? operand_bits(p.mask, c.key_mask0 + j * p.mask.stride_k)
                               : (has_key ? 1u : 0u);
     return col;
 }

@@ -59,6 +59,9 @@ struct MaskContext {
     int m0;             // first packed row of the block
     int is_causal;
     int64_t key_end;    // keys j >= key_end are hidden from every row of the block (length, causal)
+    int64_t key_bias0;  // element offset of key 0's key-based bias for the first query head (key j:
+                        // + j * bias.stride_k); 0 without a key-based bias
+    int64_t key_mask0;  // the same for a key-based mask
 };
 
 // Per-thread facts about its two rows (gid and gid + 8 of its warp), computed once per CTA.
