@@ -10,7 +10,7 @@ A "block" here is a run of consecutive SASS lines executed the same number of ti
 block, or several in a row). For each block that holds at least --min-share of the executed
 instructions or of the stall samples it prints: first line, executions (per warp: divide by the
 kernel's warps), length, its share of instructions and samples, its commonest opcodes and its
-top stall reasons. --show N prints the lines of the block that starts at line N.
+top stall reasons. --show N prints the lines of the block that holds line N.
 """
 import argparse
 import collections
@@ -34,7 +34,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
     ap.add_argument("--min-share", type=float, default=0.004)
-    ap.add_argument("--show", type=int, default=None, help="print the block starting at this line")
+    ap.add_argument("--show", type=int, default=None, help="print the block holding this line")
     args = ap.parse_args()
 
     rows = list(csv.reader(open(args.csv)))
@@ -53,7 +53,7 @@ def main():
             blocks.append([i, count, 1])
 
     if args.show is not None:
-        first, _, length = next(b for b in blocks if b[0] == args.show)
+        first, _, length = next(b for b in blocks if b[0] <= args.show < b[0] + b[2])
         for i in range(first, first + length):
             print(f"{i:6d} {executed[i]:9.0f} {samples[i]:6.0f}  {lines[i][col['Source']].strip()}")
         return
