@@ -200,16 +200,22 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     float *lse_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.lse_partial);
     const auto q_row_of = [&](int row) { return ctx.seq.q_start + (ctx.m0 + row) / P; };
     const auto head_of = [&](int row) { return h0 + (ctx.m0 + row) % P; };
-    math.for_each_output([&](int row, int col, float o0, float o1) {
-        if (row >= valid_rows || col >= head_dim) return;
+    // A result row's destination, computed once per row: its row of out (T) or of o_partial
+    // (float), nullptr past the sequence.
+    const auto out_row = [&](int row) -> unsigned char * {
+        if (row >= valid_rows) return nullptr;
         const int64_t q_row = q_row_of(row), h = head_of(row);
-        if (plan.num_splits == 1) {
-            T *out_row = static_cast<T *>(p.out) + q_row * p.out_row_stride + h * p.out_head_stride;
-            *reinterpret_cast<uint32_t *>(out_row + col) = pack2<T>(o0, o1);
-        } else {
-            float *o_row = o_partial + ((split * p.total_q + q_row) * p.num_heads + h) * head_dim;
-            *reinterpret_cast<float2 *>(o_row + col) = make_float2(o0, o1);
-        }
+        if (plan.num_splits == 1)
+            return reinterpret_cast<unsigned char *>(static_cast<T *>(p.out) + q_row * p.out_row_stride +
+                                                     h * p.out_head_stride);
+        return reinterpret_cast<unsigned char *>(o_partial + ((split * p.total_q + q_row) * p.num_heads + h) * head_dim);
+    };
+    math.for_each_output(out_row, [&](unsigned char *dst, int col, float o0, float o1) {
+        if (dst == nullptr || col >= head_dim) return;
+        if (plan.num_splits == 1)
+            *reinterpret_cast<uint32_t *>(reinterpret_cast<T *>(dst) + col) = pack2<T>(o0, o1);
+        else
+            *reinterpret_cast<float2 *>(reinterpret_cast<float *>(dst) + col) = make_float2(o0, o1);
     });
     math.for_each_lse([&](int row, float lse) {
         if (row >= valid_rows) return;

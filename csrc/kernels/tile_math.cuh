@@ -18,7 +18,8 @@
 //   partial O are merged once, after the last tile, through shared memory.
 // Both expose the same interface to fwd_kernel.cuh: step() per tile, finalize() once, then
 // for_each_output() / for_each_lse() to store the result rows this thread finishes (KeySplitMath
-// reads its slices' merged O back from shared memory there).
+// reads its slices' merged O back from shared memory there). for_each_output asks for a row's
+// destination once and stores all of the row's column pairs there.
 #pragma once
 
 #include "../fdm_params.h"
@@ -144,17 +145,19 @@ struct RowSplitMath {
         for (int mt = 0; mt < kRowTiles; ++mt) softmax[mt].finalize(acc_o[mt], lse[mt]);
     }
 
-    // f(row, col, o[row][col], o[row][col + 1]) for every pair of O this thread holds.
-    template <class F>
-    __device__ __forceinline__ void for_each_output(const F &f) const {
+    // For every row this thread holds: dst = row_dest(row), then store(dst, col, o[row][col],
+    // o[row][col + 1]) for each of its column pairs.
+    template <class RowDest, class Store>
+    __device__ __forceinline__ void for_each_output(const RowDest &row_dest, const Store &store) const {
         const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
 #pragma unroll
         for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
+            for (int r = 0; r < 2; ++r) {
+                const auto dst = row_dest(row0(mt) + gid + 8 * r);
 #pragma unroll
-                for (int d = 0; d < kDTiles; ++d)
-                    f(row0(mt) + gid + 8 * r, d * 8 + 2 * tig, acc_o[mt][d][2 * r], acc_o[mt][d][2 * r + 1]);
+                for (int d = 0; d < kDTiles; ++d) store(dst, d * 8 + 2 * tig, acc_o[mt][d][2 * r], acc_o[mt][d][2 * r + 1]);
+            }
     }
     // f(row, lse[row]), once per row.
     template <class F>
@@ -310,20 +313,23 @@ struct KeySplitMath {
         lse[0] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
     }
 
-    template <class F>
-    __device__ __forceinline__ void for_each_output(const F &f) const {
+    template <class RowDest, class Store>
+    __device__ __forceinline__ void for_each_output(const RowDest &row_dest, const Store &store) const {
         if (group == 1) {  // one warp per row tile and columns: its fragments are the result
             const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
+            for (int r = 0; r < 2; ++r) {
+                const auto dst = row_dest(16 * mt + gid + 8 * r);
 #pragma unroll
                 for (int d = 0; d < kDTiles; ++d)
-                    f(16 * mt + gid + 8 * r, col0 + d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+                    store(dst, col0 + d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+            }
             return;
         }
         // Row merge_row: this lane's 4 columns c, c + 4 * lanes_per_row, ... (a row's lanes read
         // consecutive 16 bytes: conflict-free), O = sum_w weight_w O_w.
         const int step = 8 * group;
+        const auto dst = row_dest(16 * mt + merge_row);
         for (int c = 4 * merge_lane; c < kWarpCols; c += step) {
             float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
@@ -336,8 +342,8 @@ struct KeySplitMath {
                     o.w = fmaf(weight[k], v.w, o.w);
                 }
             }
-            f(16 * mt + merge_row, col0 + c, o.x, o.y);
-            f(16 * mt + merge_row, col0 + c + 2, o.z, o.w);
+            store(dst, col0 + c, o.x, o.y);
+            store(dst, col0 + c + 2, o.z, o.w);
         }
     }
     template <class F>

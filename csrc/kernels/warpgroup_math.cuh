@@ -108,13 +108,15 @@ struct WarpgroupMath {
 
     __device__ __forceinline__ void finalize() { softmax.finalize(acc_o, lse); }
 
-    template <class F>
-    __device__ __forceinline__ void for_each_output(const F &f) const {
+    template <class RowDest, class Store>
+    __device__ __forceinline__ void for_each_output(const RowDest &row_dest, const Store &store) const {
         const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
+        for (int r = 0; r < 2; ++r) {
+            const auto dst = row_dest(row0() + gid + 8 * r);
 #pragma unroll
-            for (int d = 0; d < kDTiles; ++d) f(row0() + gid + 8 * r, d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+            for (int d = 0; d < kDTiles; ++d) store(dst, d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+        }
     }
     template <class F>
     __device__ __forceinline__ void for_each_lse(const F &f) const {
