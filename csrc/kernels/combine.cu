@@ -7,6 +7,7 @@
 #include <math.h>
 
 #include "fwd_launch.h"
+#include "pdl.cuh"
 #include "softmax.cuh"
 #include "tiles.cuh"
 
@@ -22,6 +23,7 @@ __global__ void __launch_bounds__(32 * kCombineWarps)
     const int64_t pair = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
     if (pair >= p.total_q * p.num_heads) return;
     const int lane = threadIdx.x % 32;
+    wait_for_prior_grid();  // the forward's partials (launched programmatically on compute capability 9.0+)
     const int64_t q_row = pair / p.num_heads, h = pair % p.num_heads;
     const int64_t head_dim = p.head_dim;
     const WorkspaceLayout w = workspace_layout(&p, &plan);
@@ -70,8 +72,9 @@ int run_combine(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
     const int64_t blocks = (pairs + kCombineWarps - 1) / kCombineWarps;
     if (blocks == 0) return FDM_OK;
     if (blocks > 0x7fffffffLL) return FDM_ERR_GRID;
-    combine_kernel<T><<<static_cast<unsigned>(blocks), 32 * kCombineWarps, 0, stream>>>(p, plan);
-    return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
+    const cudaError_t err = launch_maybe_programmatic(combine_kernel<T>, static_cast<unsigned>(blocks),
+                                                      32 * kCombineWarps, 0, stream, plan.programmatic != 0, p, plan);
+    return err == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
 }
 
 template int run_combine<__half>(const fdm_params &, const FwdPlan &, cudaStream_t);

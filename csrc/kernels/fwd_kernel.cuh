@@ -20,6 +20,7 @@
 #include "key_tiles.cuh"
 #include "launch_plan.h"
 #include "masking.cuh"
+#include "pdl.cuh"
 #include "tile_math.cuh"
 #include "tiles.cuh"
 #include "warpgroup_math.cuh"
@@ -38,6 +39,10 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     using Math = std::conditional_t<kLayout == FwdLayout::kWarpgroups, WarpgroupMath<T, Tile>,
                                     std::conditional_t<kKeySplit, KeySplitMath<T, Tile>, RowSplitMath<T, Tile>>>;
     constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
+    // Launched programmatically (pdl.cuh: after the key compaction or the tile test), the CTA
+    // waits here for that pass's output; the combine may be scheduled from now on.
+    wait_for_prior_grid();
+    let_dependents_launch();
 
     // The CTA order (launch_plan.h, use_rows_first), with row block m_block = num_m_blocks - 1 - m_rev:
     //   rows_first: blockIdx.x = ((m_rev * B + b) * head_blocks + head_block) * num_splits + split

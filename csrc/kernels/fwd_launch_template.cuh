@@ -3,6 +3,7 @@
 
 #include "fwd_kernel.cuh"
 #include "fwd_launch.h"
+#include "pdl.cuh"
 
 namespace fdm {
 
@@ -27,8 +28,9 @@ int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
             return FDM_ERR_CUDA;
         if (device < kMaxDevices) smem_configured[device] = true;
     }
-    kernel<<<static_cast<unsigned>(num_ctas), Tile::kThreads, kSmemBytes, stream>>>(p, plan);
-    return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
+    const cudaError_t err = launch_maybe_programmatic(kernel, static_cast<unsigned>(num_ctas), Tile::kThreads,
+                                                      kSmemBytes, stream, plan.programmatic != 0, p, plan);
+    return err == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
 }
 
 }  // namespace fdm

@@ -11,6 +11,7 @@
 
 #include "fwd_launch.h"
 #include "masking.cuh"
+#include "pdl.cuh"
 #include "tiles.cuh"
 
 namespace fdm {
@@ -21,6 +22,7 @@ static_assert(kKeysPerThread <= 32, "a thread's keep flags fit one 32-bit word")
 
 __global__ void __launch_bounds__(kGatherThreads)
     gather_keys_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, int32_t *keys, int32_t *counts) {
+    let_dependents_launch();  // the forward may be scheduled now; it waits for this pass to finish
     int64_t idx = blockIdx.x;
     const int chunk = static_cast<int>(idx % plan.max_chunks);
     idx /= plan.max_chunks;

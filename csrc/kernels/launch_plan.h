@@ -55,6 +55,8 @@ struct FwdPlan {
                             // copied to shared memory with its K/V (use_staged_query_mask)
     int rows_first;         // CTA order (fwd_kernel.cuh): 1: row blocks outermost, 0: sequences and
                             // heads outermost (use_rows_first)
+    int programmatic;       // 1: the next launch may start during the tail of the kernel before it
+                            // (pdl.cuh); the launcher sets it per launch
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
@@ -135,6 +137,7 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     plan.bitmap_words = static_cast<int>(((p.max_seqlen_k + block_n - 1) / block_n + 31) / 32);
     plan.staged_query_mask = use_staged_query_mask(p) ? 1 : 0;
     plan.rows_first = 0;  // the launcher sets it (use_rows_first), knowing the device's L2
+    plan.programmatic = 0;  // the launcher sets it per launch
     plan.num_m_blocks = static_cast<int>((block_rows(p, block_m) + block_m - 1) / block_m);
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;

@@ -14,6 +14,7 @@
 
 #include "fwd_launch.h"
 #include "masking.cuh"
+#include "pdl.cuh"
 #include "tiles.cuh"
 
 namespace fdm {
@@ -52,6 +53,7 @@ __device__ __forceinline__ bool row_keeps_any(const fdm_operand &m, int64_t row_
 
 __global__ void __launch_bounds__(32 * kBitmapWarps)
     tile_visibility_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, uint32_t *tile_bits) {
+    let_dependents_launch();  // the forward may be scheduled now; it waits for this pass to finish
     const int lane = threadIdx.x % 32;
     int64_t idx = static_cast<int64_t>(blockIdx.x) * kBitmapWarps + threadIdx.x / 32;
     const int64_t total = gather_kv_heads(&p) * gather_group_heads(&p) * p.batch * plan.num_m_blocks * plan.bitmap_words;
