@@ -22,14 +22,31 @@ namespace fdm {
 constexpr int kBitmapWarps = 4;                     // warps (words) per CTA
 constexpr int kLaneQueries = kFwdMaxBlockM / 32;    // queries per lane: a block's rows hold at most kFwdMaxBlockM
 
+constexpr int kMaxSpanLoads = 8;  // 16-byte loads of the widest key tile (128 keys)
+
 // Whether mask row `row_off` (element offset of key 0) keeps any key j in [j0, j_end). Byte masks
 // with unit key stride are read 16 keys at a time where the 16 bytes are aligned and inside the
-// row (max_seqlen_k keys); everything else one element at a time.
+// row (max_seqlen_k keys); everything else one element at a time. A whole aligned span (a tile
+// the row sees entirely, the common case) issues all its loads before it tests any: one memory
+// round trip per tile instead of one per 16 keys (the pass ran 97 us on prefill-d, an H200, with
+// the loads one after another; docs/notes.md, version 24).
 __device__ __forceinline__ bool row_keeps_any(const fdm_operand &m, int64_t row_off, int j0, int j_end,
                                               int64_t max_k) {
     bool any = false;
     if (m.dtype == FDM_BYTE && m.stride_k == 1) {
         const uint8_t *row = static_cast<const uint8_t *>(m.ptr) + row_off;
+        const int span = j_end - j0;
+        if (span > 0 && span % 16 == 0 && span <= 16 * kMaxSpanLoads &&
+            (reinterpret_cast<uintptr_t>(row + j0) & 15) == 0 && j_end <= max_k) {
+            uint4 v[kMaxSpanLoads];  // bytes [j0 + 16 k, +16)
+#pragma unroll
+            for (int k = 0; k < kMaxSpanLoads; ++k)
+                v[k] = 16 * k < span ? *reinterpret_cast<const uint4 *>(row + j0 + 16 * k) : make_uint4(0, 0, 0, 0);
+            uint32_t bits = 0;
+#pragma unroll
+            for (int k = 0; k < kMaxSpanLoads; ++k) bits |= v[k].x | v[k].y | v[k].z | v[k].w;
+            return bits != 0;
+        }
         for (int j = j0; j < j_end; j += 16) {
             const int valid = min(16, j_end - j);  // bytes of this group inside [j0, j_end)
             if ((reinterpret_cast<uintptr_t>(row + j) & 15) == 0 && j + 16 <= max_k) {
