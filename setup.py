@@ -35,7 +35,7 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
     sources += ["csrc/kernels/fdm_launch.cu", "csrc/kernels/combine.cu", "csrc/kernels/key_gather.cu",
-                "csrc/kernels/tile_visibility.cu"]
+                "csrc/kernels/tile_visibility.cu", "csrc/kernels/row_schedule.cu"]
     sources += sorted(glob.glob("csrc/kernels/instantiations/*.cu", root_dir=HERE))
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",

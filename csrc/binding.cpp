@@ -386,11 +386,13 @@ fdm_params validate_and_describe(const Tensor &q, Tensor &k, Tensor &v, const op
     // Launch overrides (docs/api.md, "Environment"): FLASH_DMATTN_NUM_SPLITS=n forces n key ranges
     // per row block, FLASH_DMATTN_GATHER_KEYS=0/1 turns the gathered-key path off/on,
     // FLASH_DMATTN_KEY_SPLIT=0/1 picks the warps' layout (rows or keys of a tile),
-    // FLASH_DMATTN_WARPGROUPS=0/1 turns the Hopper warpgroup layout off/on.
+    // FLASH_DMATTN_WARPGROUPS=0/1 turns the Hopper warpgroup layout off/on,
+    // FLASH_DMATTN_ROW_SCHEDULE=0/1 the row schedule (a grid without empty row blocks) off/on.
     p.force_num_splits = std::max(0, env_override("FLASH_DMATTN_NUM_SPLITS", 0));
     p.force_gather = env_override("FLASH_DMATTN_GATHER_KEYS", -1);
     p.force_key_split = env_override("FLASH_DMATTN_KEY_SPLIT", -1);
     p.force_warpgroups = env_override("FLASH_DMATTN_WARPGROUPS", -1);
+    p.force_row_schedule = env_override("FLASH_DMATTN_ROW_SCHEDULE", -1);
     return p;
 }
 

@@ -119,6 +119,7 @@ typedef struct {
     int force_gather;       /* key-based mask: 1 gathers the visible keys, 0 never, -1 heuristic */
     int force_key_split;    /* 1: warps split each key tile (decode layout), 0: warps split the rows, -1 heuristic */
     int force_warpgroups;   /* sm_90a builds on Hopper: 1 the warpgroup (wgmma) layout wherever it applies, 0 never, -1 heuristic */
+    int force_row_schedule; /* 1: the grid leaves out row blocks past their sequence (batches of at most 256 sequences), 0 never, -1 heuristic */
 
     /* CUDA only: scratch of fdm_cuda_workspace_size(p) bytes (split-KV partial results, gathered
      * key lists), allocated by the caller; NULL when that size is 0. */

@@ -45,6 +45,7 @@ def run_case(lens, H, H_k, D, dtype, mask_kind, mask_heads, bias_kind, bias_head
     os.environ.pop("FLASH_DMATTN_NUM_SPLITS", None)
     os.environ.pop("FLASH_DMATTN_GATHER_KEYS", None)
     os.environ.pop("FLASH_DMATTN_WARPGROUPS", None)
+    os.environ.pop("FLASH_DMATTN_ROW_SCHEDULE", None)
     os.environ.update(env or {})
     cu_q = torch.tensor([0] + [q for q, _ in lens], device="cuda").cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + [k for _, k in lens], device="cuda").cumsum(0).to(torch.int32)
@@ -109,6 +110,13 @@ def main():
                   {**warpgroups, **gather, "FLASH_DMATTN_NUM_SPLITS": "3"}))
     cases.append(([(150, 700), (1, 65), (0, 30), (40, 0)], 8, 2, 64, torch.bfloat16, "key", 2, "key", 2, True,
                   gather, 7))
+    # The row schedule (a grid without the row blocks past their sequence), forced: row blocks first
+    # under a query-based mask, and with split-KV.
+    schedule = {"FLASH_DMATTN_ROW_SCHEDULE": "1"}
+    cases.append(([(700, 900), (1, 1), (0, 40), (130, 0), (65, 200)], 8, 2, 128, torch.bfloat16, "query", 2, "key", 1,
+                  True, schedule))
+    cases.append(([(300, 333), (2, 2), (0, 5), (129, 64)], 4, 1, 64, torch.float16, None, 0, None, 0, False,
+                  {**schedule, "FLASH_DMATTN_NUM_SPLITS": "3"}))
     failures = 0
     for case in cases:
         ok, err = run_case(*case)

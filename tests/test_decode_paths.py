@@ -530,3 +530,68 @@ def test_query_mask_tile_skip(device, dtype, shape, mask_dtype, rows, causal):
         extra_cols = -batch.max_seqlen_k % 16 + (3 if rows == "misaligned" else 0)
         mask = block_sparse_query_mask(batch, heads, 0.1, mask_dtype, extra_cols)
         run_and_check(batch, attn_mask=mask, is_causal=causal)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The row schedule (csrc/kernels/row_schedule.cu): a grid without the row blocks past their
+#    sequence, for batches whose sequences are mostly shorter than max_seqlen_q
+# ----------------------------------------------------------------------------------------------
+
+ROW_SCHEDULE = "FLASH_DMATTN_ROW_SCHEDULE"
+# Both CTA orders of the schedule (launch_plan.h, use_rows_first): K/V within L2 (row blocks
+# first), and 60k keys x 8 KV heads x D = 128 (245 MB, beyond any L2: sequences first). Each with
+# empty query and key sequences, one-row sequences, Lq > Lk and lengths on no tile boundary.
+ROW_SCHEDULE_SEQLENS = {
+    "rows_first": [(1000, 1000), (1, 1), (0, 50), (130, 0), (65, 200), (300, 333), (129, 64)],
+    "sequences_first": [(700, 30000), (5, 30000), (1, 10), (0, 5), (129, 64), (64, 0)],
+}
+ROW_SCHEDULE_CASES = [(order, operands) for order in ROW_SCHEDULE_SEQLENS for operands in OPERANDS
+                      if not (order == "sequences_first" and operands == "query")]  # (a 2 GB mask)
+
+
+def kernels_launched(fn):
+    """Names of the profiler's events of fn() on the GPU: the CUDA kernels it launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("order,operands", ROW_SCHEDULE_CASES, ids=[f"{o}-{p}" for o, p in ROW_SCHEDULE_CASES])
+@CAUSAL
+@CUDA_DTYPES
+@requires_cuda
+def test_row_schedule(monkeypatch, dtype, causal, order, operands):
+    """Prefill batches with the row schedule forced on and off (GQA, D = 128): both against the
+    float64 reference, and the profiler shows the schedule pass ran exactly when it was on."""
+    batch = make_batch(ROW_SCHEDULE_SEQLENS[order], 32, 8, 128, dtype, "cuda")
+    kwargs = dict(is_causal=causal, **make_operands(batch, operands, density=0.5))
+    for schedule in (1, 0):
+        monkeypatch.setenv(ROW_SCHEDULE, str(schedule))
+        out, lse = run_and_check(batch, **kwargs)
+        assert_empty_key_sequences_hidden(batch, out, lse)
+        names = kernels_launched(lambda: run_flash(batch, **kwargs))
+        assert any("row_schedule_kernel" in n for n in names) == bool(schedule), names
+
+
+@CUDA_DTYPES
+@requires_cuda
+def test_row_schedule_cuda_graph_replay(monkeypatch, dtype):
+    """The schedule is computed on the device from cu_seqlens: a captured prefill call replayed with
+    other sequence lengths (the same totals and maxima) gives the new batch's result."""
+    monkeypatch.setenv(ROW_SCHEDULE, "1")
+    rounds = [[(500, 520), (3, 3), (0, 40), (97, 37)],
+              [(97, 37), (500, 520), (3, 3), (0, 40)],
+              [(1, 300), (0, 0), (499, 300), (100, 0)]]
+    batch = make_batch(rounds[0], 8, 2, 64, dtype, "cuda")
+    kwargs = dict(attn_mask=make_mask(batch, "key", "H_k"), attn_bias=make_bias(batch, "key", "1"), is_causal=True)
+    graph, (out, lse) = capture_cuda_graph(lambda: run_flash(batch, **kwargs))
+    for seqlens in rounds[1:]:
+        batch.cu_seqlens_q.copy_(cu_seqlens([lq for lq, _ in seqlens], "cuda"))
+        batch.cu_seqlens_k.copy_(cu_seqlens([lk for _, lk in seqlens], "cuda"))
+        batch.seqlens[:] = seqlens
+        for x in (batch.q, batch.k, batch.v, kwargs["attn_bias"]):
+            x.copy_(torch.randn_like(x, dtype=torch.float32))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_against_reference(batch, out, lse, **kwargs)

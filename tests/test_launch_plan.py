@@ -39,9 +39,10 @@ def align16(n):
 
 
 def check_plan(problem, plan):
-    (b, h, hk, max_q, max_k, total_k, block_m, block_n, sms, ctas_per_sm, mask_layout, mask_group_stride,
+    (b, h, hk, max_q, max_k, total_k, total_q, block_m, block_n, sms, ctas_per_sm, mask_layout, mask_group_stride,
      force_splits, force_gather) = problem
-    heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace, key_split, rows_first, warpgroups = plan
+    (heads_per_cta, num_m_blocks, num_splits, tiles_per_split, gather, workspace, key_split, rows_first, warpgroups,
+     row_schedule, grid_row_blocks) = plan
     group = h // hk
 
     # Packed GQA: only whole groups, never when a key-based mask differs across the group's heads.
@@ -65,7 +66,13 @@ def check_plan(problem, plan):
     assert 1 <= num_splits <= 128 and tiles_per_split >= 1
     assert num_splits * tiles_per_split >= key_tiles
     assert (num_splits - 1) * tiles_per_split < max(key_tiles, 1)
-    ctas = num_m_blocks * (h // heads_per_cta) * b
+    # Row schedule: the grid holds the row blocks the batch can have (each sequence wastes less than
+    # one), when that leaves out at least a quarter of the B x num_m_blocks, for up to 256 sequences.
+    full = num_m_blocks * b
+    bound = math.ceil(total_q * heads_per_cta / block_m) + b
+    assert row_schedule == int(b <= 256 and full > 0 and 4 * bound <= 3 * full)
+    assert grid_row_blocks == (min(full, bound) if row_schedule else full)
+    ctas = grid_row_blocks * (h // heads_per_cta)
     if force_splits > 0:
         assert num_splits <= min(force_splits, 128)
         assert num_splits >= min(force_splits, key_tiles, 128) // 2
@@ -78,7 +85,7 @@ def check_plan(problem, plan):
     # query-based mask's tile bits (one 32-bit word per 32 key tiles of each row block and mask head).
     expect = 0
     if num_splits > 1:
-        rows = num_splits * (b * max_q) * h
+        rows = num_splits * total_q * h
         expect += align16(rows * D * 4) + align16(rows * 4)
     mask_heads = hk * (group if mask_group_stride else 1)
     if gather:
@@ -86,6 +93,8 @@ def check_plan(problem, plan):
     if mask_layout == MASK_QUERY and max_k > 0:
         words = math.ceil(math.ceil(max_k / block_n) / 32)
         expect += align16(mask_heads * b * num_m_blocks * words * 4)
+    if row_schedule:
+        expect += grid_row_blocks * (h // heads_per_cta) * 16
     assert workspace == expect
 
     # CTA order: row blocks first with a query-based mask or when the batch's K/V fits a 50 MB L2.
@@ -105,17 +114,23 @@ def test_plan_invariants_on_random_problems(probe):
         b = rng.randint(1, 80)
         max_k = rng.choice([0, 1, 63, 64, 65, 511, 512, 2000, 4096, 131072])
         total_k = max_k * rng.randint(1, b) if max_k else 0
-        problems.append((b, h, hk, rng.choice([0, 1, 2, 5, 8, 17, 64, 300, 4096]), max_k, total_k, rng.choice([64, 128]),
+        max_q = rng.choice([0, 1, 2, 5, 8, 17, 64, 300, 4096])
+        total_q = rng.choice([max_q * b, max_q * rng.randint(1, b), max_q + rng.randint(0, b)])
+        problems.append((b, h, hk, max_q, max_k, total_k, total_q, rng.choice([64, 128]),
                          rng.choice([32, 64]), rng.choice([0, 1, 108, 132]), rng.choice([1, 2, 4]),
                          rng.choice([MASK_NONE, MASK_KEY, MASK_QUERY]), rng.choice([0, 1]),
                          rng.choice([0, 0, 1, 2, 7, 64, 500]), rng.choice([-1, -1, 0, 1])))
-    for problem, plan in zip(problems, probe(problems)):
+    plans = probe(problems)
+    for problem, plan in zip(problems, plans):
         check_plan(problem, plan)
+    assert 50 < sum(plan[9] for plan in plans) < 550, "both grids (with and without a row schedule) are covered"
 
 
 def test_plan_of_the_benchmark_shapes(probe):
-    def problem(b, max_q, max_k, total_k, mask=MASK_KEY, group_stride=0, force_splits=0, force_gather=-1):
-        return (b, 32, 8, max_q, max_k, total_k, 64, 64, 132, 2, mask, group_stride, force_splits, force_gather)
+    def problem(b, max_q, max_k, total_k, mask=MASK_KEY, group_stride=0, force_splits=0, force_gather=-1, total_q=None):
+        total_q = b * max_q if total_q is None else total_q
+        return (b, 32, 8, max_q, max_k, total_k, total_q, 64, 64, 132, 2, mask, group_stride, force_splits,
+                force_gather)
 
     shapes = {
         "a": problem(16, 8, 15835, 147000),                  # decode (a): 16 sequences of 2k-16k keys
@@ -123,7 +138,7 @@ def test_plan_of_the_benchmark_shapes(probe):
         "d": problem(64, 1, 4096, 64 * 4096),                # 64 sequences x 4k keys
         "e": problem(4, 2, 256, 1024),                       # the seed example
         "per_head": problem(1, 1, 131072, 131072, group_stride=1),   # key mask with h' = H
-        "prefill": problem(8, 8192, 8192, 19968, mask=MASK_NONE),
+        "prefill": problem(8, 8192, 8192, 19968, mask=MASK_NONE, total_q=19968),
         "forced": problem(1, 1, 4096, 4096, force_splits=7, force_gather=0),
     }
     plans = dict(zip(shapes, probe(list(shapes.values()))))
@@ -133,6 +148,7 @@ def test_plan_of_the_benchmark_shapes(probe):
     assert plans["e"][4] == 0 and plans["e"][2:4] == (4, 1)                  # tiny: one tile per CTA
     assert plans["per_head"][0] == 1 and plans["per_head"][2] >= 4
     assert plans["prefill"][:3] == (1, 128, 1)                               # neither packed nor split
+    assert plans["prefill"][9:] == (1, 320)  # 320 of the 8 x 128 row blocks: 19968 / 64 + 8
     assert plans["prefill"][7] == 0          # 82 MB of K/V, beyond L2: sequences and heads first
     assert plans["e"][7] == 1                # a few KB: row blocks first
     assert plans["forced"][2] == 7 and plans["forced"][4] == 0

@@ -1,8 +1,9 @@
 // fdm_launch.cu: the plain-C entry points of the CUDA forward. Plans the launch (launch_plan.h),
 // picks the instantiation (dtype x tile head dim: the head dim rounded up to 32, 64, 96, 128, 192
-// or 256, x layout: rows, keys or warpgroups, x staged query mask or not), launches it: first the key compaction when gathering or the tile test of
-// a query-based mask, then the forward, then with split-KV the combine kernel (each after the
-// first programmatically on compute capability 9.0+, pdl.cuh).
+// or 256, x layout: rows, keys or warpgroups, x staged query mask or not), launches it: first the
+// row schedule when the grid leaves out empty row blocks, the key compaction when gathering or the
+// tile test of a query-based mask, then the forward, then with split-KV the combine kernel (the
+// forward after a pass, and the combine, programmatically on compute capability 9.0+, pdl.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -103,7 +104,12 @@ int forward(const fdm_params &p, cudaStream_t stream) {
     // On compute capability 9.0+ a kernel that follows one of this call's kernels is launched
     // programmatically (pdl.cuh): scheduled during the tail of the one before, not after it.
     const bool programmatic = device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
-    if ((plan.num_splits > 1 || plan.gather || plan.tile_bitmap) && p.workspace == nullptr) return FDM_ERR_WORKSPACE;
+    if ((plan.num_splits > 1 || plan.gather || plan.tile_bitmap || plan.row_schedule) && p.workspace == nullptr)
+        return FDM_ERR_WORKSPACE;
+    if (plan.row_schedule) {
+        const int st = fdm::run_row_schedule(p, plan, stream);
+        if (st != FDM_OK) return st;
+    }
     if (plan.gather) {
         const int st = fdm::run_gather_keys(p, plan, stream);
         if (st != FDM_OK) return st;
@@ -112,7 +118,7 @@ int forward(const fdm_params &p, cudaStream_t stream) {
         const int st = fdm::run_tile_visibility(p, plan, stream);
         if (st != FDM_OK) return st;
     }
-    plan.programmatic = programmatic && (plan.gather || plan.tile_bitmap);
+    plan.programmatic = programmatic && (plan.gather || plan.tile_bitmap || plan.row_schedule);
     int status = FDM_ERR_HEAD_DIM;
     switch (fdm::tile_head_dim(p.head_dim)) {
         case 32: status = run_layout<T, 32>(p, plan, stream); break;

@@ -47,25 +47,34 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     // The CTA order (launch_plan.h, use_rows_first), with row block m_block = num_m_blocks - 1 - m_rev:
     //   rows_first: blockIdx.x = ((m_rev * B + b) * head_blocks + head_block) * num_splits + split
     //   else:       blockIdx.x = ((b * head_blocks + head_block) * num_m_blocks + m_rev) * num_splits + split
+    // With a row schedule (row_schedule.cu) the same order without the row blocks past their
+    // sequence: (b, m_block, head_block) = schedule[blockIdx.x / num_splits].
     int64_t idx = blockIdx.x;
     const int split = static_cast<int>(idx % plan.num_splits);
     idx /= plan.num_splits;
     const int P = plan.heads_per_cta;
     const int64_t head_blocks = p.num_heads / P;
-    int64_t head_block, b, m_rev;
-    if (plan.rows_first) {
+    int64_t head_block, b;
+    int m_block;
+    if (plan.row_schedule) {
+        const WorkspaceLayout w = workspace_layout(&p, &plan);
+        const int4 slot = reinterpret_cast<const int4 *>(static_cast<const unsigned char *>(p.workspace) + w.schedule)[idx];
+        if (slot.x < 0) return;
+        b = slot.x;
+        m_block = slot.y;
+        head_block = slot.z;
+    } else if (plan.rows_first) {
         head_block = idx % head_blocks;
         idx /= head_blocks;
         b = idx % p.batch;
-        m_rev = idx / p.batch;
+        m_block = plan.num_m_blocks - 1 - static_cast<int>(idx / p.batch);
     } else {
-        m_rev = idx % plan.num_m_blocks;
+        m_block = plan.num_m_blocks - 1 - static_cast<int>(idx % plan.num_m_blocks);
         idx /= plan.num_m_blocks;
         head_block = idx % head_blocks;
         b = idx / head_blocks;
     }
     const int64_t h0 = head_block * P;  // first query head of the CTA
-    const int m_block = plan.num_m_blocks - 1 - static_cast<int>(m_rev);
     const int64_t group = p.num_heads / p.num_heads_k;
 
     MaskContext ctx;

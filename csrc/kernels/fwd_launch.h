@@ -24,6 +24,10 @@ int run_combine(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
 // Writes the gathered key lists of a key-based mask into p.workspace (key_gather.cu).
 int run_gather_keys(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
 
+// Writes the row schedule (which row block and head block each CTA computes) into p.workspace
+// (row_schedule.cu).
+int run_row_schedule(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
+
 // Writes the tile bits of a query-based mask into p.workspace (tile_visibility.cu).
 int run_tile_visibility(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream);
 

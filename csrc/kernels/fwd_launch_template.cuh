@@ -11,9 +11,10 @@ template <class T, int kHeadDim, FwdLayout kLayout, bool kStagedMask>
 int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
     using Tile = FwdTileOf<kHeadDim, kLayout, kStagedMask>;
     constexpr int kSmemBytes = Tile::smem_bytes(kStagedMask);
-    // One CTA per (key range, row block, head block, sequence); blocks past a sequence's end return at once.
-    const int64_t num_ctas = static_cast<int64_t>(plan.num_splits) * plan.num_m_blocks *
-                             (p.num_heads / plan.heads_per_cta) * p.batch;
+    // One CTA per (key range, row block of the grid, head block); row blocks past a sequence's end
+    // return at once (launch_plan.h: grid_row_blocks, the row schedule).
+    const int64_t num_ctas = static_cast<int64_t>(plan.num_splits) * plan.grid_row_blocks *
+                             (p.num_heads / plan.heads_per_cta);
     if (num_ctas == 0) return FDM_OK;
     if (num_ctas > 0x7fffffffLL) return FDM_ERR_GRID;
 

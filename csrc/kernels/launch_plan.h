@@ -12,6 +12,11 @@
 //     of every kGatherChunk-key chunk, and the kernel's key tiles are filled from those lists, so
 //     work and K/V bytes scale with the visible keys. Tile n of a CTA is then "virtual": subtile
 //     n % tiles_per_chunk of chunk n / tiles_per_chunk (empty subtiles are skipped).
+//   row schedule: when many sequences are shorter than max_seqlen_q, the grid holds only the row
+//     blocks the batch can have (ceil(total_q P / kBlockM) + B per head block, not B x
+//     num_m_blocks), and a one-CTA pass (row_schedule.cu) tells each CTA its (sequence, row
+//     block, head block), in the order of the full grid with the row blocks past their sequence
+//     left out. Such a row block cost about 1 us of an SM's CTA slot to read its sequence's length and exit.
 //   key split: a block of at most kKeySplitRows rows (a decode block: G heads x 1-8 queries) is
 //     computed with the warps splitting each key tile instead of its rows, each warp with its own
 //     online softmax over its slices of the keys (tile_math.cuh), so all 4 warps work.
@@ -30,6 +35,7 @@ constexpr int kMinSplitTiles = 8;      // key tiles per range at least (amortize
 constexpr int kWavesUniform = 1;       // a split grid holds about this many waves of CTAs when every
 constexpr int kWavesMixed = 3;         // sequence has max_seqlen_k keys, and this many otherwise
 constexpr int kKeySplitRows = 32;      // rows of a block the key-split layout computes at most
+constexpr int kScheduleMaxBatch = 256; // sequences a row schedule serves at most (row_schedule.cu keeps them in shared memory)
 
 // How a CTA's threads share a key tile (fwd_kernel.cuh): RowSplitMath or KeySplitMath
 // (tile_math.cuh: 4 warps, mma.sync, any sm_80+ GPU) or WarpgroupMath (warpgroup_math.cuh: 2
@@ -57,6 +63,10 @@ struct FwdPlan {
                             // heads outermost (use_rows_first)
     int programmatic;       // 1: the next launch may start during the tail of the kernel before it
                             // (pdl.cuh); the launcher sets it per launch
+    int row_schedule;       // 1: CTAs read their (sequence, row block, head block) from the row
+                            // schedule in the workspace (use_row_schedule, row_schedule.cu)
+    int grid_row_blocks;    // row blocks per head block in the grid: B * num_m_blocks, or with a
+                            // row schedule the most the batch can have
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
@@ -125,6 +135,16 @@ inline bool use_rows_first(const fdm_params &p, const FwdPlan &plan, int64_t l2_
     return keys * p.num_heads_k * p.head_dim * 2 * 2 <= l2_bytes;  // K and V, 2-byte elements
 }
 
+// The row schedule when it leaves out at least a quarter of the grid's row blocks (and the batch
+// has at most kScheduleMaxBatch sequences); FLASH_DMATTN_ROW_SCHEDULE (p.force_row_schedule)
+// overrides the choice within the batch limit. `bound`: the row blocks per head block the batch
+// can have, ceil(total_q P / block_m) + B (every sequence wastes less than one block).
+inline bool use_row_schedule(const fdm_params &p, int64_t full, int64_t bound) {
+    if (p.batch > kScheduleMaxBatch || full == 0) return false;
+    if (p.force_row_schedule >= 0) return p.force_row_schedule != 0;
+    return bound * 4 <= full * 3;
+}
+
 // ctas_per_sm: resident CTAs of this instantiation per SM (tiles.cuh, fwd_ctas_per_sm).
 inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_sms, int ctas_per_sm) {
     FwdPlan plan;
@@ -139,13 +159,17 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     plan.rows_first = 0;  // the launcher sets it (use_rows_first), knowing the device's L2
     plan.programmatic = 0;  // the launcher sets it per launch
     plan.num_m_blocks = static_cast<int>((block_rows(p, block_m) + block_m - 1) / block_m);
+    const int64_t full_rows = static_cast<int64_t>(plan.num_m_blocks) * p.batch;
+    const int64_t bound_rows = (p.total_q * plan.heads_per_cta + block_m - 1) / block_m + p.batch;
+    plan.row_schedule = use_row_schedule(p, full_rows, bound_rows) ? 1 : 0;
+    plan.grid_row_blocks = static_cast<int>(plan.row_schedule && bound_rows < full_rows ? bound_rows : full_rows);
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;
     plan.max_chunks = static_cast<int>((p.max_seqlen_k + kGatherChunk - 1) / kGatherChunk);
     const int64_t key_tiles = plan.gather ? static_cast<int64_t>(plan.max_chunks) * plan.tiles_per_chunk
                                           : (p.max_seqlen_k + block_n - 1) / block_n;
     const int64_t head_blocks = p.num_heads / plan.heads_per_cta;
-    const int64_t ctas = static_cast<int64_t>(plan.num_m_blocks) * head_blocks * p.batch;
+    const int64_t ctas = static_cast<int64_t>(plan.grid_row_blocks) * head_blocks;
     const int64_t slots = static_cast<int64_t>(num_sms) * (ctas_per_sm > 0 ? ctas_per_sm : 1);
     int64_t splits = 1;
     if (p.force_num_splits > 0) {
@@ -200,8 +224,10 @@ FDM_HOST_DEVICE int64_t gather_list_head(const fdm_params *p, int64_t hk, int64_
 //   tile_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
 //                                                     query-based mask: bit n of a row block's words
 //                                                     = key tile n holds a visible pair of its rows
+//   schedule    (grid_row_blocks * head blocks) int4  row schedule: {b, m_block, head_block, 0} of
+//                                                     each CTA (less its split), b = -1: none
 struct WorkspaceLayout {
-    size_t o_partial, lse_partial, keys, counts, tile_bits, total;
+    size_t o_partial, lse_partial, keys, counts, tile_bits, schedule, total;
 };
 
 FDM_HOST_DEVICE size_t align16(size_t n) { return (n + 15) / 16 * 16; }
@@ -222,6 +248,9 @@ FDM_HOST_DEVICE WorkspaceLayout workspace_layout(const fdm_params *p, const FwdP
     const size_t bitmap_heads = plan->tile_bitmap ? static_cast<size_t>(gather_kv_heads(p) * gather_group_heads(p)) : 0;
     w.tile_bits = at;
     at += align16(bitmap_heads * p->batch * plan->num_m_blocks * plan->bitmap_words * sizeof(uint32_t));
+    w.schedule = at;
+    if (plan->row_schedule)
+        at += static_cast<size_t>(plan->grid_row_blocks) * (p->num_heads / plan->heads_per_cta) * 4 * sizeof(int32_t);
     w.total = at;
     return w;
 }

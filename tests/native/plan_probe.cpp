@@ -1,18 +1,19 @@
 // Prints the CUDA launch plan (launch_plan.h, host-only code) for sizes read from stdin, one line
-// per problem: "B H H_k max_q max_k total_k block_m block_n sms ctas_per_sm mask_layout
+// per problem: "B H H_k max_q max_k total_k total_q block_m block_n sms ctas_per_sm mask_layout
 // mask_group_stride force_splits force_gather" -> "heads_per_cta num_m_blocks num_splits
-// tiles_per_split gather workspace_bytes key_split rows_first warpgroups" (rows_first for a 50 MB
+// tiles_per_split gather workspace_bytes key_split rows_first warpgroups row_schedule
+// grid_row_blocks" (rows_first for a 50 MB
 // L2, the H100's; warpgroups as on a Hopper GPU with an sm_90a build, for a head dim it serves). Used by test_launch_plan.py.
 #include <cstdio>
 
 #include "../../csrc/kernels/launch_plan.h"
 
 int main() {
-    long long b, h, hk, max_q, max_k, total_k, block_m, block_n, sms, ctas_per_sm, mask_layout, mask_group_stride,
-        force_splits, force_gather;
-    while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &b, &h, &hk, &max_q,
-                      &max_k, &total_k, &block_m, &block_n, &sms, &ctas_per_sm, &mask_layout, &mask_group_stride,
-                      &force_splits, &force_gather) == 14) {
+    long long b, h, hk, max_q, max_k, total_k, total_q, block_m, block_n, sms, ctas_per_sm, mask_layout,
+        mask_group_stride, force_splits, force_gather;
+    while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &b, &h, &hk,
+                      &max_q, &max_k, &total_k, &total_q, &block_m, &block_n, &sms, &ctas_per_sm, &mask_layout,
+                      &mask_group_stride, &force_splits, &force_gather) == 15) {
         fdm_params p = {};
         p.batch = b;
         p.num_heads = h;
@@ -20,12 +21,13 @@ int main() {
         p.head_dim = 128;
         p.max_seqlen_q = max_q;
         p.max_seqlen_k = max_k;
-        p.total_q = b * max_q;
+        p.total_q = total_q;
         p.total_k = total_k;
         p.force_num_splits = (int)force_splits;
         p.force_gather = (int)force_gather;
         p.force_key_split = -1;
         p.force_warpgroups = -1;
+        p.force_row_schedule = -1;
         static const char mask_byte = 1;
         if (mask_layout >= 0) {
             p.mask.ptr = &mask_byte;
@@ -36,9 +38,9 @@ int main() {
         const fdm::FwdPlan plan = fdm::make_plan(p, (int)block_m, (int)block_n, (int)sms, (int)ctas_per_sm);
         const int rows_first = fdm::use_rows_first(p, plan, 50LL << 20) ? 1 : 0;
         const int warpgroups = fdm::use_warpgroups(p, plan.key_split != 0, true, true) ? 1 : 0;  // on a Hopper
-        std::printf("%d %d %d %d %d %zu %d %d %d\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
+        std::printf("%d %d %d %d %d %zu %d %d %d %d %d\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
                     plan.tiles_per_split, plan.gather, fdm::workspace_layout(&p, &plan).total, plan.key_split,
-                    rows_first, warpgroups);
+                    rows_first, warpgroups, plan.row_schedule, plan.grid_row_blocks);
     }
     return 0;
 }
