@@ -16,7 +16,7 @@ int run_fwd(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
     const int64_t num_ctas = static_cast<int64_t>(plan.num_splits) * plan.grid_row_blocks *
                              (p.num_heads / plan.heads_per_cta);
     if (num_ctas == 0) return FDM_OK;
-    if (num_ctas > 0x7fffffffLL) return FDM_ERR_GRID;
+    if (num_ctas >= 0x7fffffffLL) return FDM_ERR_GRID;  // (grid_row_blocks is clamped to 2^31 - 1)
 
     auto kernel = fwd_kernel<T, kHeadDim, kLayout, kStagedMask>;
     // The shared-memory opt-in is per (function, device) and costs microseconds of host time:

@@ -162,7 +162,9 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     const int64_t full_rows = static_cast<int64_t>(plan.num_m_blocks) * p.batch;
     const int64_t bound_rows = (p.total_q * plan.heads_per_cta + block_m - 1) / block_m + p.batch;
     plan.row_schedule = use_row_schedule(p, full_rows, bound_rows) ? 1 : 0;
-    plan.grid_row_blocks = static_cast<int>(plan.row_schedule && bound_rows < full_rows ? bound_rows : full_rows);
+    // (Clamped to the int range: a grid that large is refused by the launcher, FDM_ERR_GRID.)
+    const int64_t grid_rows = plan.row_schedule && bound_rows < full_rows ? bound_rows : full_rows;
+    plan.grid_row_blocks = static_cast<int>(grid_rows < 0x7fffffffLL ? grid_rows : 0x7fffffffLL);
     plan.gather = use_gather(p) ? 1 : 0;
     plan.tiles_per_chunk = kGatherChunk / block_n;
     plan.max_chunks = static_cast<int>((p.max_seqlen_k + kGatherChunk - 1) / kGatherChunk);
