@@ -5,6 +5,7 @@ reads on every call, and checked against the float64 reference:
 - FLASH_DMATTN_GATHER_KEYS=1/0: the gathered-key path for key-based masks on / off;
 - FLASH_DMATTN_KEY_SPLIT=1/0: the warps split each key tile (blocks of <= 32 rows) / the rows;
 - FLASH_DMATTN_WARPGROUPS=1/0: the Hopper warpgroup (wgmma) layout wherever it applies / never;
+- FLASH_DMATTN_ROW_SCHEDULE=1/0: the grid without the row blocks past their sequence / the full grid;
 - packed GQA (no override): taken when the mask/bias do not vary across a group's query heads
   (h' in {1, H_k} or query-based) and max_seqlen_q * G <= 128, i.e. the GQA/MQA decode cases here.
 
@@ -41,6 +42,7 @@ NUM_SPLITS = "FLASH_DMATTN_NUM_SPLITS"
 GATHER_KEYS = "FLASH_DMATTN_GATHER_KEYS"
 KEY_SPLIT = "FLASH_DMATTN_KEY_SPLIT"
 WARPGROUPS = "FLASH_DMATTN_WARPGROUPS"
+ROW_SCHEDULE = "FLASH_DMATTN_ROW_SCHEDULE"
 
 DEVICE_DTYPES = device_dtype_params(cpu=[torch.float32])
 SPLITS = [1, 2, 7, 64]
@@ -80,10 +82,11 @@ def no_overrides(monkeypatch):
     use_paths(monkeypatch)
 
 
-def use_paths(monkeypatch, splits=None, gather=None, key_split=None, warpgroups=None):
-    """Sets FLASH_DMATTN_NUM_SPLITS / _GATHER_KEYS / _KEY_SPLIT / _WARPGROUPS; None unsets (the heuristic)."""
+def use_paths(monkeypatch, splits=None, gather=None, key_split=None, warpgroups=None, row_schedule=None):
+    """Sets FLASH_DMATTN_NUM_SPLITS / _GATHER_KEYS / _KEY_SPLIT / _WARPGROUPS / _ROW_SCHEDULE; None
+    unsets (the heuristic)."""
     for name, value in ((NUM_SPLITS, splits), (GATHER_KEYS, gather), (KEY_SPLIT, key_split),
-                        (WARPGROUPS, warpgroups)):
+                        (WARPGROUPS, warpgroups), (ROW_SCHEDULE, row_schedule)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
@@ -537,7 +540,6 @@ def test_query_mask_tile_skip(device, dtype, shape, mask_dtype, rows, causal):
 #    sequence, for batches whose sequences are mostly shorter than max_seqlen_q
 # ----------------------------------------------------------------------------------------------
 
-ROW_SCHEDULE = "FLASH_DMATTN_ROW_SCHEDULE"
 # Both CTA orders of the schedule (launch_plan.h, use_rows_first): K/V within L2 (row blocks
 # first), and 60k keys x 8 KV heads x D = 128 (245 MB, beyond any L2: sequences first). Each with
 # empty query and key sequences, one-row sequences, Lq > Lk and lengths on no tile boundary.
@@ -567,7 +569,7 @@ def test_row_schedule(monkeypatch, dtype, causal, order, operands):
     batch = make_batch(ROW_SCHEDULE_SEQLENS[order], 32, 8, 128, dtype, "cuda")
     kwargs = dict(is_causal=causal, **make_operands(batch, operands, density=0.5))
     for schedule in (1, 0):
-        monkeypatch.setenv(ROW_SCHEDULE, str(schedule))
+        use_paths(monkeypatch, row_schedule=schedule)
         out, lse = run_and_check(batch, **kwargs)
         assert_empty_key_sequences_hidden(batch, out, lse)
         names = kernels_launched(lambda: run_flash(batch, **kwargs))
@@ -579,7 +581,7 @@ def test_row_schedule(monkeypatch, dtype, causal, order, operands):
 def test_row_schedule_cuda_graph_replay(monkeypatch, dtype):
     """The schedule is computed on the device from cu_seqlens: a captured prefill call replayed with
     other sequence lengths (the same totals and maxima) gives the new batch's result."""
-    monkeypatch.setenv(ROW_SCHEDULE, "1")
+    use_paths(monkeypatch, row_schedule=1)
     rounds = [[(500, 520), (3, 3), (0, 40), (97, 37)],
               [(97, 37), (500, 520), (3, 3), (0, 40)],
               [(1, 300), (0, 0), (499, 300), (100, 0)]]
