@@ -11,7 +11,21 @@ import torch
 from reference import attention_reference
 
 HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+NEEDS_CUDA = "needs a CUDA GPU"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (given to every test marked requires_cuda)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Every test that needs a GPU gets the marker `cuda`, so `-k cuda` selects it whatever its name
+    (before -k deselects: tryfirst)."""
+    for item in items:
+        if any(m.name == "skipif" and m.kwargs.get("reason") == NEEDS_CUDA for m in item.iter_markers()):
+            item.add_marker(pytest.mark.cuda)
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 DTYPES = {

@@ -210,6 +210,25 @@ def test_gathered_keys_with_splits_and_biases(monkeypatch, device, dtype, num_sp
     run_and_check(batch, attn_mask=mask, attn_bias=make_bias(batch, *bias.split("-")), is_causal=causal)
 
 
+# One sequence past 64 gathered chunks (a split's range is found by a scan of the chunk counts, 32
+# chunks per round) beside short ones, an empty one and one on a chunk boundary.
+LONG_SEQLENS = [(1, 70001), (4, 2047), (2, 33 * 1024), (1, 5), (3, 0)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("num_splits", [None, 2, 7, 64], ids=["splits_auto", "splits2", "splits7", "splits64"])
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.25, 1.0], ids=lambda d: f"dens{int(d * 100)}")
+def test_gathered_split_ranges_long_sequences(monkeypatch, density, num_splits):
+    """Split ranges counted in visible tiles: a sparse mask leaves the later ranges of a row block
+    with no tile (their partial outputs are never written, and the combine must not read them)."""
+    use_paths(monkeypatch, splits=num_splits, gather=1)
+    batch = make_batch(LONG_SEQLENS, 8, 2, 64, torch.bfloat16, "cuda")
+    mask = make_mask(batch, "key", "H_k", density=density)
+    out, lse = run_and_check(batch, attn_mask=mask, attn_bias=make_bias(batch, "key", "H_k"))
+    if density == 0.0:
+        assert_rows_hidden(out, lse, slice(None))
+
+
 @CAUSAL
 @pytest.mark.parametrize("num_splits", [None, 2, 7], ids=["splits_auto", "splits2", "splits7"])
 @GATHER
@@ -395,9 +414,10 @@ def test_paths_agree(monkeypatch, device, dtype, shape, mask_heads, causal):
 LAYOUTS = {"rows": (0, 0), "keys": (1, 0), "warpgroups": (0, 1)}
 
 
-# Chunk kinds of the gathered path (csrc/kernels/key_tiles.cuh): a chunk of kGatherChunk = 1024
-# keys (launch_plan.h) whose keys are all visible is read as its contiguous range, any other
-# through its list of visible keys. Beside them an empty key sequence and an empty query sequence.
+# Chunk kinds of the gathered path (csrc/kernels/key_tiles.cuh): a chunk of gather_chunk(kBlockN)
+# keys (launch_plan.h: 2048 for the warpgroup tiles of 128 keys at D = 128, else 1024) whose keys
+# are all visible is read as its contiguous range, any other through its list of visible keys.
+# Beside them an empty key sequence and an empty query sequence.
 CHUNK_SEQLENS = {"cpu": [(20, 300), (3, 150), (4, 0)],
                  "cuda": [(700, 5000), (300, 3000), (1, 4097), (8, 2100), (129, 1025), (4, 0), (0, 2048)]}
 
@@ -412,7 +432,8 @@ def test_gathered_chunk_kinds(monkeypatch, device, dtype, gather, layout, causal
     a key-based bias, through each layout (decode and prefill rows), gathered or tile by tile."""
     key_split, warpgroups = LAYOUTS[layout]
     use_paths(monkeypatch, gather=gather, key_split=key_split, warpgroups=warpgroups)
-    chunk = 1024 if device == "cuda" else 64  # the CPU kernel has no chunks: the same pattern, smaller
+    # The CPU kernel has no chunks: the same pattern, smaller.
+    chunk = (2048 if layout == "warpgroups" else 1024) if device == "cuda" else 64
     batch = make_batch(CHUNK_SEQLENS[device], 8, 2, 128, dtype, device)
     keep = torch.rand(batch.total_k, batch.num_heads_k, device=device) < 0.5
     for b, (_, len_k) in enumerate(batch.seqlens):

@@ -13,7 +13,12 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 D = 128  # the probe's head dim
-CHUNK = 1024  # kGatherChunk
+MIN_GATHER_KEYS = 2048  # kGatherMinKeys
+
+
+def gather_chunk(block_n):
+    """Keys per compaction chunk (launch_plan.h, gather_chunk)."""
+    return max(1024, 16 * block_n)
 MASK_NONE, MASK_KEY, MASK_QUERY = -1, 0, 1
 
 
@@ -59,8 +64,9 @@ def check_plan(problem, plan):
     elif force_gather >= 0:
         assert gather == force_gather
     else:
-        assert gather == (max_k >= 2 * CHUNK)
-    key_tiles = math.ceil(max_k / CHUNK) * (CHUNK // block_n) if gather else math.ceil(max_k / block_n)
+        assert gather == (max_k >= MIN_GATHER_KEYS)
+    chunk = gather_chunk(block_n)
+    key_tiles = math.ceil(max_k / chunk) * (chunk // block_n) if gather else math.ceil(max_k / block_n)
 
     # Split-KV: every key tile in exactly one non-empty range.
     assert 1 <= num_splits <= 128 and tiles_per_split >= 1
@@ -89,7 +95,7 @@ def check_plan(problem, plan):
         expect += align16(rows * D * 4) + align16(rows * 4)
     mask_heads = hk * (group if mask_group_stride else 1)
     if gather:
-        expect += align16(mask_heads * total_k * 4) + align16(mask_heads * b * math.ceil(max_k / CHUNK) * 4)
+        expect += align16(mask_heads * total_k * 4) + align16(mask_heads * b * math.ceil(max_k / chunk) * 4)
     if mask_layout == MASK_QUERY and max_k > 0:
         words = math.ceil(math.ceil(max_k / block_n) / 32)
         expect += align16(mask_heads * b * num_m_blocks * words * 4)
@@ -117,7 +123,7 @@ def test_plan_invariants_on_random_problems(probe):
         max_q = rng.choice([0, 1, 2, 5, 8, 17, 64, 300, 4096])
         total_q = rng.choice([max_q * b, max_q * rng.randint(1, b), max_q + rng.randint(0, b)])
         problems.append((b, h, hk, max_q, max_k, total_k, total_q, rng.choice([64, 128]),
-                         rng.choice([32, 64]), rng.choice([0, 1, 108, 132]), rng.choice([1, 2, 4]),
+                         rng.choice([32, 64, 128]), rng.choice([0, 1, 108, 132]), rng.choice([1, 2, 4]),
                          rng.choice([MASK_NONE, MASK_KEY, MASK_QUERY]), rng.choice([0, 1]),
                          rng.choice([0, 0, 1, 2, 7, 64, 500]), rng.choice([-1, -1, 0, 1])))
     plans = probe(problems)

@@ -91,13 +91,14 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     const int valid_rows = static_cast<int>(min_i64(kBlockM, ctx.seq.len_q * P - ctx.m0));
 
     // Keys past the causal limit of the block's last query are never visited; this CTA's key range
-    // is tiles [n_begin, n_stop) (virtual tiles of kGatherChunk-key chunks when gathering).
+    // is tiles [n_begin, n_stop) (virtual tiles of the gathered chunks when gathering).
     ctx.key_end = ctx.seq.len_k;
     if (p.is_causal)
         ctx.key_end = min_i64(ctx.key_end, fdm_causal_last_key(&ctx.seq, (ctx.m0 + valid_rows - 1) / P) + 1);
     int num_n_tiles = 0;
     if (ctx.key_end > 0)
-        num_n_tiles = plan.gather ? static_cast<int>((ctx.key_end + kGatherChunk - 1) / kGatherChunk) * kTilesPerChunk<Tile>
+        num_n_tiles = plan.gather ? static_cast<int>((ctx.key_end + kGatherChunkOf<Tile> - 1) / kGatherChunkOf<Tile>) *
+                                        kTilesPerChunk<Tile>
                                   : static_cast<int>((ctx.key_end + kBlockN - 1) / kBlockN);
     const int n_begin = split * plan.tiles_per_split;
     const int n_stop = static_cast<int>(min_i64(num_n_tiles, n_begin + plan.tiles_per_split));
@@ -153,6 +154,9 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
             if (n >= n_stop || prepare_key_tile<Tile, kStagedMask>(p, plan, ctx, gathered, bitmap, n, n_stop,
                                                                    key_stage(stage), fetched_ahead))
                 return n;
+            // A gathered tile is hidden only when its first key is at or past key_end; the lists
+            // ascend, so every tile after it is hidden too.
+            if (plan.gather) return n_stop;
             ++n;
         }
     };

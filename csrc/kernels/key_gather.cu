@@ -1,7 +1,8 @@
 // key_gather.cu: the compaction pass of the gathered-key path (launch_plan.h). For every
-// (mask list head, sequence b, chunk ch of kGatherChunk keys) one CTA reads the key-based mask of
-// the chunk's keys and writes, in ascending order, the local indices j of the visible ones:
-//   keys[head, k_start + ch * kGatherChunk + e] = e-th visible key of the chunk   (e < count)
+// (mask list head, sequence b, chunk ch of C = gather_chunk(block_n) keys, launch_plan.h) one CTA
+// reads the key-based mask of the chunk's keys and writes, in ascending order, the local indices j
+// of the visible ones:
+//   keys[head, k_start + ch * C + e] = e-th visible key of the chunk   (e < count)
 //   counts[head, b, ch] = count
 // Each list lives in the chunk's own rows, so no prefix sum across chunks (and no second pass)
 // is needed; the forward kernel reads a chunk's list only up to its count, and not at all when
@@ -17,8 +18,9 @@
 namespace fdm {
 
 constexpr int kGatherThreads = 256;
-constexpr int kKeysPerThread = kGatherChunk / kGatherThreads;  // consecutive keys of one thread
-static_assert(kKeysPerThread <= 32, "a thread's keep flags fit one 32-bit word");
+constexpr int kMaxKeysPerThread = 8;  // consecutive keys of one thread: C / kGatherThreads, C <= 2048
+static_assert(gather_chunk(128) <= kMaxKeysPerThread * kGatherThreads && gather_chunk(32) % kGatherThreads == 0,
+              "every chunk is whole keys per thread, at most kMaxKeysPerThread");
 
 __global__ void __launch_bounds__(kGatherThreads)
     gather_keys_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, int32_t *keys, int32_t *counts) {
@@ -29,19 +31,22 @@ __global__ void __launch_bounds__(kGatherThreads)
     const int64_t b = idx % p.batch, head = idx / p.batch;
     fdm_seq seq = fdm_seq_of(&p, b);
     seq.len_k = min_i64(seq.len_k, p.max_seqlen_k);
-    const int chunk_start = chunk * kGatherChunk;
+    const int chunk_keys = plan.tiles_per_chunk * plan.block_n;  // C
+    const int keys_per_thread = chunk_keys / kGatherThreads;
+    const int chunk_start = chunk * chunk_keys;
     if (chunk_start >= seq.len_k) return;  // the forward never reads this chunk
     // A representative (KV head, group index) of the list head (launch_plan.h, gather_list_head).
     const int64_t group_heads = gather_group_heads(&p);
     const int64_t hk = head / group_heads, g = head % group_heads;
 
     // keep bit e: key j = first + e is visible.
-    const int first = chunk_start + threadIdx.x * kKeysPerThread;
+    const int first = chunk_start + threadIdx.x * keys_per_thread;
     uint32_t keep = 0;
 #pragma unroll
-    for (int e = 0; e < kKeysPerThread; ++e) {
+    for (int e = 0; e < kMaxKeysPerThread; ++e) {
         const int j = first + e;
-        if (j < seq.len_k && mask_keeps(p.mask, fdm_operand_offset(&p.mask, &seq, hk, g, 0, j))) keep |= 1u << e;
+        if (e < keys_per_thread && j < seq.len_k && mask_keeps(p.mask, fdm_operand_offset(&p.mask, &seq, hk, g, 0, j)))
+            keep |= 1u << e;
     }
 
     // Exclusive prefix sum of the per-thread counts over the CTA: within the warp by shuffles,
@@ -64,8 +69,8 @@ __global__ void __launch_bounds__(kGatherThreads)
         count += warp_total[w];
     }
 
-    const bool all_visible = count == static_cast<int>(min_i64(kGatherChunk, seq.len_k - chunk_start));
-    int32_t *list = keys + head * p.total_k + seq.k_start + chunk_start;  // (kGatherChunk,) at most
+    const bool all_visible = count == static_cast<int>(min_i64(chunk_keys, seq.len_k - chunk_start));
+    int32_t *list = keys + head * p.total_k + seq.k_start + chunk_start;  // (C,) at most
     while (keep != 0 && !all_visible) {
         const int e = __ffs(keep) - 1;
         list[offset++] = first + e;

@@ -27,9 +27,11 @@ namespace fdm {
 
 constexpr int kNoKey = 0x7fffffff;  // key[c] of an empty column: above every causal limit
 
-// Subtiles of a gathered chunk (FwdPlan::tiles_per_chunk, known at compile time here).
+// Keys and subtiles of a gathered chunk (FwdPlan::tiles_per_chunk, known at compile time here).
 template <class Tile>
-constexpr int kTilesPerChunk = kGatherChunk / Tile::kBlockN;
+constexpr int kGatherChunkOf = gather_chunk(Tile::kBlockN);
+template <class Tile>
+constexpr int kTilesPerChunk = kGatherChunkOf<Tile> / Tile::kBlockN;
 
 // One pipeline stage's per-key staging in shared memory, (kBlockN,) each.
 struct KeyStage {
@@ -41,7 +43,7 @@ struct KeyStage {
 
 // The gathered key lists of one CTA's (sequence, mask head).
 struct GatheredKeys {
-    const int32_t *keys;    // (len_k,): chunk ch's visible keys start at keys[ch * kGatherChunk]
+    const int32_t *keys;    // (len_k,): chunk ch's visible keys start at keys[ch * gather_chunk]
     const int32_t *counts;  // (max_chunks,): visible keys per chunk
 
     __device__ static GatheredKeys of(const fdm_params &p, const FwdPlan &plan, const MaskContext &c) {
@@ -67,10 +69,10 @@ struct GatheredTile {
     __device__ __forceinline__ static GatheredTile of(const GatheredKeys &g, const MaskContext &c, int n) {
         GatheredTile t;
         const int chunk = n / kTilesPerChunk<Tile>;
-        t.chunk_start = chunk * kGatherChunk;
+        t.chunk_start = chunk * kGatherChunkOf<Tile>;
         t.entry0 = (n % kTilesPerChunk<Tile>) * Tile::kBlockN;
         t.count = g.counts[chunk];
-        t.listed = t.count != static_cast<int>(min_i64(kGatherChunk, c.seq.len_k - t.chunk_start));
+        t.listed = t.count != static_cast<int>(min_i64(kGatherChunkOf<Tile>, c.seq.len_k - t.chunk_start));
         return t;
     }
 };
@@ -106,9 +108,9 @@ __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const
     int j = n * Tile::kBlockN + static_cast<int>(threadIdx.x);
     if (plan.gather) {
         const int chunk = n / kTilesPerChunk<Tile>;
-        const int chunk_start = chunk * kGatherChunk;
+        const int chunk_start = chunk * kGatherChunkOf<Tile>;
         const int count = gathered.counts[chunk];
-        const int chunk_len = static_cast<int>(min_i64(kGatherChunk, c.seq.len_k - chunk_start));
+        const int chunk_len = static_cast<int>(min_i64(kGatherChunkOf<Tile>, c.seq.len_k - chunk_start));
         const int e = (n % kTilesPerChunk<Tile>) * Tile::kBlockN + threadIdx.x;  // entry of the chunk's list
         j = kNoKey;
         if (e < count) j = count == chunk_len ? chunk_start + e : gathered.keys[chunk_start + e];

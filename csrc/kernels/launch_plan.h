@@ -9,7 +9,7 @@
 //     into num_splits key ranges computed by separate CTAs; a combine kernel merges their partial
 //     outputs by their log-sum-exp (flash-decoding).
 //   gathered keys: with a key-based mask, a compaction pass (key_gather.cu) lists the visible keys
-//     of every kGatherChunk-key chunk, and the kernel's key tiles are filled from those lists, so
+//     of every chunk of gather_chunk(kBlockN) keys, and the kernel's key tiles are filled from those lists, so
 //     work and K/V bytes scale with the visible keys. Tile n of a CTA is then "virtual": subtile
 //     n % tiles_per_chunk of chunk n / tiles_per_chunk (empty subtiles are skipped).
 //   row schedule: when many sequences are shorter than max_seqlen_q, the grid holds only the row
@@ -29,7 +29,11 @@
 
 namespace fdm {
 
-constexpr int kGatherChunk = 1024;     // keys per compaction chunk (a multiple of every kBlockN)
+constexpr int kGatherMinKeys = 2048;   // gathered keys from this max_seqlen_k on (the heuristic)
+// Keys per compaction chunk for key tiles of block_n keys: 1024, or 16 tiles of 128 keys. A chunk
+// of v visible keys fills ceil(v / block_n) tiles, the last one partly: longer chunks waste less
+// (at 50% density 1024 keys make 4.5 tiles of 128 on average, 2048 keys 8.5).
+FDM_HOST_DEVICE constexpr int gather_chunk(int block_n) { return 16 * block_n > 1024 ? 16 * block_n : 1024; }
 constexpr int kMaxSplits = 128;        // split-KV ranges per row block at most
 constexpr int kMinSplitTiles = 8;      // key tiles per range at least (amortizes the partial write)
 constexpr int kWavesUniform = 1;       // a split grid holds about this many waves of CTAs when every
@@ -49,8 +53,8 @@ struct FwdPlan {
     int num_splits;         // key ranges per row block (1: no split-KV)
     int tiles_per_split;    // key tiles of kBlockN (virtual tiles when gathering) per range
     int gather;             // 1: key tiles are filled from the gathered key lists
-    int tiles_per_chunk;    // kGatherChunk / kBlockN
-    int max_chunks;         // ceil(max_seqlen_k / kGatherChunk)
+    int tiles_per_chunk;    // gather_chunk(kBlockN) / kBlockN
+    int max_chunks;         // ceil(max_seqlen_k / gather_chunk(kBlockN))
     int key_split;          // 1: KeySplitMath, 0: RowSplitMath (tile_math.cuh) or WarpgroupMath
     int warpgroups;         // 1: WarpgroupMath (warpgroup_math.cuh; use_warpgroups)
     int tile_bitmap;        // 1: a query-based mask's key tiles are tested up front (tile_visibility.cu)
@@ -83,7 +87,7 @@ inline bool can_pack_gqa(const fdm_params &p, int block_m) {
 inline bool use_gather(const fdm_params &p) {
     if (p.mask.ptr == nullptr || p.mask.layout != FDM_LAYOUT_KEY || p.max_seqlen_k == 0) return false;
     if (p.force_gather >= 0) return p.force_gather != 0;
-    return p.max_seqlen_k >= 2 * kGatherChunk;
+    return p.max_seqlen_k >= kGatherMinKeys;
 }
 
 // A query-based byte mask whose rows all start 16-byte aligned is copied block by block into
@@ -166,8 +170,9 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     const int64_t grid_rows = plan.row_schedule && bound_rows < full_rows ? bound_rows : full_rows;
     plan.grid_row_blocks = static_cast<int>(grid_rows < 0x7fffffffLL ? grid_rows : 0x7fffffffLL);
     plan.gather = use_gather(p) ? 1 : 0;
-    plan.tiles_per_chunk = kGatherChunk / block_n;
-    plan.max_chunks = static_cast<int>((p.max_seqlen_k + kGatherChunk - 1) / kGatherChunk);
+    const int chunk = gather_chunk(block_n);
+    plan.tiles_per_chunk = chunk / block_n;
+    plan.max_chunks = static_cast<int>((p.max_seqlen_k + chunk - 1) / chunk);
     const int64_t key_tiles = plan.gather ? static_cast<int64_t>(plan.max_chunks) * plan.tiles_per_chunk
                                           : (p.max_seqlen_k + block_n - 1) / block_n;
     const int64_t head_blocks = p.num_heads / plan.heads_per_cta;
@@ -221,7 +226,7 @@ FDM_HOST_DEVICE int64_t gather_list_head(const fdm_params *p, int64_t hk, int64_
 //   lse_partial (num_splits, H, total_q) float        their log-sum-exps         }
 //   keys        (list heads, total_k) int32           gathered keys: the visible local key indices
 //                                                     of each chunk, ascending, from the chunk's
-//                                                     first row (k_start + chunk * kGatherChunk)
+//                                                     first row (k_start + ch * gather_chunk)
 //   counts      (list heads, B, max_chunks) int32     visible keys per chunk
 //   tile_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
 //                                                     query-based mask: bit n of a row block's words
