@@ -210,8 +210,8 @@ def test_gathered_keys_with_splits_and_biases(monkeypatch, device, dtype, num_sp
     run_and_check(batch, attn_mask=mask, attn_bias=make_bias(batch, *bias.split("-")), is_causal=causal)
 
 
-# One sequence past 64 gathered chunks (a split's range is found by a scan of the chunk counts, 32
-# chunks per round) beside short ones, an empty one and one on a chunk boundary.
+# One sequence of 69 gathered chunks beside one of 33 (ending on a chunk boundary), short ones and
+# an empty one.
 LONG_SEQLENS = [(1, 70001), (4, 2047), (2, 33 * 1024), (1, 5), (3, 0)]
 
 
@@ -219,8 +219,8 @@ LONG_SEQLENS = [(1, 70001), (4, 2047), (2, 33 * 1024), (1, 5), (3, 0)]
 @pytest.mark.parametrize("num_splits", [None, 2, 7, 64], ids=["splits_auto", "splits2", "splits7", "splits64"])
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.25, 1.0], ids=lambda d: f"dens{int(d * 100)}")
 def test_gathered_split_ranges_long_sequences(monkeypatch, density, num_splits):
-    """Split ranges counted in visible tiles: a sparse mask leaves the later ranges of a row block
-    with no tile (their partial outputs are never written, and the combine must not read them)."""
+    """Split-KV over the gathered keys of long sequences: a sparse mask leaves many split ranges
+    with no visible key (their partials hold lse = -inf), and 64 splits cut chunks into pieces."""
     use_paths(monkeypatch, splits=num_splits, gather=1)
     batch = make_batch(LONG_SEQLENS, 8, 2, 64, torch.bfloat16, "cuda")
     mask = make_mask(batch, "key", "H_k", density=density)

@@ -9,9 +9,10 @@
 //     into num_splits key ranges computed by separate CTAs; a combine kernel merges their partial
 //     outputs by their log-sum-exp (flash-decoding).
 //   gathered keys: with a key-based mask, a compaction pass (key_gather.cu) lists the visible keys
-//     of every chunk of gather_chunk(kBlockN) keys, and the kernel's key tiles are filled from those lists, so
-//     work and K/V bytes scale with the visible keys. Tile n of a CTA is then "virtual": subtile
-//     n % tiles_per_chunk of chunk n / tiles_per_chunk (empty subtiles are skipped).
+//     of every chunk of gather_chunk(kBlockN) keys, and the kernel's key tiles are filled from
+//     those lists, so work and K/V bytes scale with the visible keys. Tile n of a CTA is then
+//     "virtual": subtile n % tiles_per_chunk of chunk n / tiles_per_chunk (empty subtiles are
+//     skipped).
 //   row schedule: when many sequences are shorter than max_seqlen_q, the grid holds only the row
 //     blocks the batch can have (ceil(total_q P / kBlockM) + B per head block, not B x
 //     num_m_blocks), and a one-CTA pass (row_schedule.cu) tells each CTA its (sequence, row
