@@ -19,6 +19,8 @@ MIN_GATHER_KEYS = 2048  # kGatherMinKeys
 def gather_chunk(block_n):
     """Keys per compaction chunk (launch_plan.h, gather_chunk)."""
     return max(1024, 16 * block_n)
+
+
 MASK_NONE, MASK_KEY, MASK_QUERY = -1, 0, 1
 
 
