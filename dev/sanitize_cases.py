@@ -98,6 +98,11 @@ def main():
     cases.append(([(300, 2300), (5, 1100)], 4, 4, 96, torch.float16, "key", 1, "key", 4, False, gather))
     cases.append(([(1, 3001), (3, 1500), (2, 0)], 8, 2, 128, torch.bfloat16, "key", 2, None, 0, True,
                   {"FLASH_DMATTN_NUM_SPLITS": "64", "FLASH_DMATTN_GATHER_KEYS": "0"}))
+    # The combine's last CTA with fewer (query, head) pairs than warps (5 queries x 3 heads), at
+    # split counts merged by 1 and 2 warps per pair.
+    for splits in ("7", "12"):
+        cases.append(([(3, 2100), (2, 1500), (0, 30)], 3, 1, 64, torch.bfloat16, "key", 1, "key", 1, True,
+                      {"FLASH_DMATTN_NUM_SPLITS": splits}))
     for page_size in (1, 7, 64):
         cases.append(([(2, 700), (1, 65), (0, 30), (4, 0)], 8, 2, 128, torch.bfloat16, "key", 2, "key", 2, True,
                       gather if page_size == 7 else None, page_size))

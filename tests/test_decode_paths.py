@@ -45,7 +45,7 @@ WARPGROUPS = "FLASH_DMATTN_WARPGROUPS"
 ROW_SCHEDULE = "FLASH_DMATTN_ROW_SCHEDULE"
 
 DEVICE_DTYPES = device_dtype_params(cpu=[torch.float32])
-SPLITS = [1, 2, 7, 64]
+SPLITS = [1, 2, 7, 12, 64]  # the combine shares a pair's splits among 1, 2 or 4 warps (<= 8, <= 16, more)
 CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 GATHER = pytest.mark.parametrize("gather", [0, 1], ids=["tiles", "gather"])
 
@@ -174,6 +174,19 @@ def test_split_kv_decode(monkeypatch, device, dtype, head_dim, num_splits, heads
         assert_empty_key_sequences_hidden(batch, out, lse)
 
 
+@requires_cuda
+@pytest.mark.parametrize("num_splits", [7, 12, 64], ids=lambda n: f"splits{n}")
+def test_split_combine_partial_ctas(monkeypatch, num_splits):
+    """An odd number of (query, head) pairs (31 queries x 3 heads), so the combine's last CTA holds
+    fewer pairs than warps, at split counts merged by 1, 2 and 4 warps per pair."""
+    use_paths(monkeypatch, splits=num_splits)
+    seqlens = [(1, 4096), (8, 3001), (3, 1), (1, 0), (0, 700), (5, 65), (2, 1000), (1, 63), (6, 129), (4, 2048)]
+    batch = make_batch(seqlens, 3, 1, 64, torch.bfloat16, "cuda")
+    assert batch.q.shape[0] * batch.q.shape[1] % 2 == 1
+    out, lse = run_and_check(batch, is_causal=True, **make_operands(batch, "key_shared"))
+    assert_empty_key_sequences_hidden(batch, out, lse)
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Gathered keys (key-based masks)
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +206,21 @@ def test_gathered_keys_densities_and_mask_heads(monkeypatch, device, dtype, gath
     out, lse = run_and_check(batch, attn_mask=mask, attn_bias=bias, is_causal=causal)
     if density == 0.0:
         assert_rows_hidden(out, lse, slice(None))
+    assert_empty_key_sequences_hidden(batch, out, lse)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mask_heads", ["H_k", "H"])
+@pytest.mark.parametrize("splits", [None, 7], ids=["splits_auto", "splits7"])
+def test_gathered_list_heads_across_ctas(monkeypatch, splits, mask_heads):
+    """Many gathered lists at once: 20 query heads over 5 KV heads give 5 lists (h' = H_k) or 20
+    (h' = H, no packed GQA); each head draws its own mask, so a list built from a neighbour's
+    column shows."""
+    use_paths(monkeypatch, splits=splits, gather=1)
+    batch = make_batch(DECODE_SEQLENS["cuda"], 20, 5, 64, torch.bfloat16, "cuda")
+    mask = make_mask(batch, "key", mask_heads, density=0.25)
+    bias = make_bias(batch, "key", mask_heads)
+    out, lse = run_and_check(batch, attn_mask=mask, attn_bias=bias, is_causal=True)
     assert_empty_key_sequences_hidden(batch, out, lse)
 
 

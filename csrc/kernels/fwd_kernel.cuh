@@ -39,9 +39,9 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     using Math = std::conditional_t<kLayout == FwdLayout::kWarpgroups, WarpgroupMath<T, Tile>,
                                     std::conditional_t<kKeySplit, KeySplitMath<T, Tile>, RowSplitMath<T, Tile>>>;
     constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
-    // Launched programmatically (pdl.cuh: after the key compaction or the tile test), the CTA
-    // waits here for that pass's output; the combine may be scheduled from now on.
-    wait_for_prior_grid();
+    // Launched programmatically (pdl.cuh: after the row schedule, the key compaction or the tile
+    // test), the CTA waits for that pass's output before its first read of it (below), so that
+    // its own set-up and Q copy overlap the pass's tail; the combine may be scheduled from now on.
     let_dependents_launch();
 
     // The CTA order (launch_plan.h, use_rows_first), with row block m_block = num_m_blocks - 1 - m_rev:
@@ -57,6 +57,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     int64_t head_block, b;
     int m_block;
     if (plan.row_schedule) {
+        wait_for_prior_grid();
         const WorkspaceLayout w = workspace_layout(&p, &plan);
         const int4 slot = reinterpret_cast<const int4 *>(static_cast<const unsigned char *>(p.workspace) + w.schedule)[idx];
         if (slot.x < 0) return;
@@ -142,6 +143,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
         },
         q_g, head_dim);
     cp_async_commit();
+    wait_for_prior_grid();  // the gathered lists and tile bits are read from here on
 
     // Finds the first visible key tile at or after n, staging its per-key data in `stage` and
     // fetching ahead the per-key data of the tile that may follow it.
