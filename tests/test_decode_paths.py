@@ -212,7 +212,7 @@ def test_gathered_keys_densities_and_mask_heads(monkeypatch, device, dtype, gath
 @requires_cuda
 @pytest.mark.parametrize("mask_heads", ["H_k", "H"])
 @pytest.mark.parametrize("splits", [None, 7], ids=["splits_auto", "splits7"])
-def test_gathered_list_heads_across_ctas(monkeypatch, splits, mask_heads):
+def test_gathered_keys_many_lists(monkeypatch, splits, mask_heads):
     """Many gathered lists at once: 20 query heads over 5 KV heads give 5 lists (h' = H_k) or 20
     (h' = H, no packed GQA); each head draws its own mask, so a list built from a neighbour's
     column shows."""
