@@ -310,6 +310,31 @@ def test_gathered_keys_only_last_keys_visible(monkeypatch, device, dtype, gather
         assert_rows_hidden(out, lse, slice(0, len_q - 3))  # query i sees keys j <= i + Lk - Lq < Lk - 3
 
 
+@requires_cuda
+@pytest.mark.parametrize("num_splits", [1, 3, 8], ids=lambda n: f"splits{n}")
+@GATHER
+@CAUSAL
+def test_key_split_visible_tile_runs(monkeypatch, gather, causal, num_splits):
+    """The decode layout's K/V pipeline (the next visible tile's copy in flight while one is
+    computed) over key ranges that hold 0, 1, 2, 3 and more visible 64-key tiles, in runs and
+    scattered, so that it starts, refills and drains with every count of tiles left: a key-based
+    mask keeps only the keys of chosen tiles (one key of some, all of others), different per KV head."""
+    use_paths(monkeypatch, splits=num_splits, gather=gather, key_split=1)
+    seqlens = [(1, 64 * 40 + 17), (4, 64 * 3), (8, 64 * 12 + 5), (2, 64), (3, 64 * 7 + 63), (1, 0), (5, 64 * 25)]
+    batch = make_batch(seqlens, 16, 4, 128, torch.bfloat16, "cuda")
+    keep = torch.zeros(batch.total_k, batch.num_heads_k, dtype=torch.bool, device="cuda")
+    patterns = [[0], [1, 2], [0, 1, 2, 3, 9], [5, 7, 11, 12, 13, 30, 39, 40]]  # visible tiles per KV head
+    starts = batch.cu_seqlens_k[:-1].tolist()
+    for g, tiles in enumerate(patterns):
+        for start, (_, len_k) in zip(starts, batch.seqlens):
+            for t in tiles:
+                lo, hi = 64 * t, min(64 * t + 64, len_k)
+                if lo < hi:
+                    keep[start + (lo if t % 2 else hi - 1):start + hi, g] = True  # odd tiles whole, even ones their last key
+    out, lse = run_and_check(batch, attn_mask=keep, attn_bias=make_bias(batch, "key", "1"), is_causal=causal)
+    assert_empty_key_sequences_hidden(batch, out, lse)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. CUDA graphs and torch.compile (CUDA only)
 # ----------------------------------------------------------------------------------------------

@@ -107,13 +107,10 @@ __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const
     col.n = n;
     int j = n * Tile::kBlockN + static_cast<int>(threadIdx.x);
     if (plan.gather) {
-        const int chunk = n / kTilesPerChunk<Tile>;
-        const int chunk_start = chunk * kGatherChunkOf<Tile>;
-        const int count = gathered.counts[chunk];
-        const int chunk_len = static_cast<int>(min_i64(kGatherChunkOf<Tile>, c.seq.len_k - chunk_start));
-        const int e = (n % kTilesPerChunk<Tile>) * Tile::kBlockN + threadIdx.x;  // entry of the chunk's list
+        const GatheredTile t = GatheredTile::of<Tile>(gathered, c, n);
+        const int e = t.entry0 + static_cast<int>(threadIdx.x);  // entry of the chunk's list
         j = kNoKey;
-        if (e < count) j = count == chunk_len ? chunk_start + e : gathered.keys[chunk_start + e];
+        if (e < t.count) j = t.listed ? gathered.keys[t.chunk_start + e] : t.chunk_start + e;
     } else if (j >= c.seq.len_k) {
         j = kNoKey;
     }
@@ -183,9 +180,7 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
         st.row[tid] = col.row;
         st.bias[tid] = col.bias_bits != 0u ? bias_from_bits(p.bias, col.bias_bits) * kLog2e : 0.f;  // log2 domain
         st.keep[tid] = keep;
-        // Read by the contiguous tiles' test only (gathered tiles return before it). Dropping the
-        // unread gather half changes the kernels' SASS, so it waits for a GPU to time it.
-        any = plan.gather ? col.key < c.key_end : key_mask && keep;
+        any = key_mask && keep;  // the contiguous tiles' test (gathered tiles have their own, below)
         next.n = -1;
         const int n_ahead = kFromBitmap && plan.tile_bitmap ? bitmap.next(n + 1, n_stop) : n + 1;
         if (n_ahead < n_stop) next = fetch_key_column<Tile>(p, plan, c, gathered, n_ahead);
