@@ -16,6 +16,9 @@
 #                                                    # reverse and re-apply cleanly?
 #   AB_BENCH_ARGS=--no-check AB_PATCHES=... bash dev/gpu_ab.sh   # variants that compute a wrong
 #                                                    # output on purpose (a stage left out, to time the rest)
+#   AB_BENCH_TIMEOUT=120 ...                         # seconds per version and suite (default 240): a
+#                                                    # version that hangs (a barrier that never completes)
+#                                                    # loses its row, not the whole device call
 #
 # Prints, last, one row per case: the median ms of every version and each one's ratio to the base.
 set -uo pipefail
@@ -47,9 +50,10 @@ run_version() {  # $1 = label
         return
     fi
     for suite in ${AB_SUITES:-prefill decode}; do
-        python3 benchmarks/bench_varlen.py --device cuda --suite "$suite" --quick --no-probe --peers "" \
+        timeout "${AB_BENCH_TIMEOUT:-240}" \
+            python3 benchmarks/bench_varlen.py --device cuda --suite "$suite" --quick --no-probe --peers "" \
             ${AB_ONLY:+--only "$AB_ONLY"} ${AB_BENCH_ARGS:-} --markdown "$OUT/bench-$1.md" >>"$OUT/bench-$1.log" 2>&1 ||
-            { echo "benchmark $suite failed for $1 (bench-$1.log)"; tail -5 "$OUT/bench-$1.log"; status=1; }
+            { echo "benchmark $suite failed or timed out for $1 (bench-$1.log)"; tail -5 "$OUT/bench-$1.log"; status=1; }
     done
 }
 
