@@ -10,6 +10,8 @@
 #   NCU_CASES="decode-a decode-c" SKIP_BENCH=1 PYTEST_ARGS=--co bash dev/gpu_run.sh
 #   NCU_SECTIONS="--section WarpStateStats --section SchedulerStats --section SourceCounters" \
 #       NCU_CASES=decode-a SKIP_BENCH=1 PYTEST_ARGS=--co bash dev/gpu_run.sh   # stall reasons, top stall lines
+#   NCU_SOURCE_CASES="decode-a prefill-b" SKIP_BENCH=1 SKIP_SANITIZER=1 PYTEST_ARGS=--co FDM_ARCH_LIST=9.0a \
+#       bash dev/gpu_run.sh   # where each case's instructions and stalls go, block by block (ncu_blocks.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fdm_out}
@@ -74,6 +76,26 @@ if [ -n "${NCU_CASES:-}" ]; then
     done
     grep -E '^### |^  [^ ].*\(fdm_params|Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy|^ +Grid Size|Stall|Issued|Eligible' \
         "$OUT/ncu.txt" | cut -c1-110
+fi
+
+# 6. Source-level profiles of the forward, per case of NCU_SOURCE_CASES: the second call of the
+#    case, its SASS source page as CSV summed by dev/ncu_blocks.py (where the instructions and the
+#    stall samples go, block by block), the CSVs and details pages packed into $OUT/profiles.tgz
+#    (`python3 dev/ncu_blocks.py p/sass-CASE.csv --show LINE` reads one block's lines later).
+if [ -n "${NCU_SOURCE_CASES:-}" ]; then
+    mkdir -p "$OUT/p"
+    for case in $NCU_SOURCE_CASES; do
+        ncu --section SourceCounters --section WarpStateStats --section LaunchStats --section Occupancy \
+            -k regex:^fwd_kernel --launch-skip 1 --launch-count 1 -o "$OUT/p/rep-$case" \
+            python3 dev/profile_case.py "$case" --calls 2 >"$OUT/p/ncu-$case.log" 2>&1
+        summary+=("ncu source $case: exit $?")
+        ncu -i "$OUT/p/rep-$case.ncu-rep" --page source --print-source sass --csv >"$OUT/p/sass-$case.csv" 2>/dev/null
+        ncu -i "$OUT/p/rep-$case.ncu-rep" --page details >"$OUT/p/details-$case.txt" 2>/dev/null
+        rm -f "$OUT/p/rep-$case.ncu-rep"
+        echo "== $case"
+        python3 dev/ncu_blocks.py "$OUT/p/sass-$case.csv" --min-share "${NCU_MIN_SHARE:-0.02}" | head -30
+    done
+    (cd "$OUT" && tar czf profiles.tgz p && rm -rf p)
 fi
 
 echo

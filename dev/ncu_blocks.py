@@ -6,7 +6,8 @@ samples go, without reading thousands of SASS lines.
     ncu -i rep.ncu-rep --page source --print-source sass --csv > src.csv
     python dev/ncu_blocks.py src.csv [--min-share 0.004] [--show 4475]
 
-(dev/profile_sources.sh runs these steps for several cases in one device call.)
+(NCU_SOURCE_CASES="decode-a prefill-b" bash dev/gpu_run.sh runs these steps for several cases in one
+device call.)
 
 A "block" here is a run of consecutive SASS lines executed the same number of times (a basic
 block, or several in a row). For each block that holds at least --min-share of the executed
