@@ -33,7 +33,11 @@ namespace fdm {
 // its own, so that calls without one run code that does not carry it.
 template <class T, int kHeadDim, FwdLayout kLayout, bool kStagedMask>
 __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kThreads)
-    fwd_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan) {
+    fwd_kernel(const __grid_constant__ fdm_params p, const FwdPlan launch_plan) {
+    // A staged query-based mask rules out gathered keys (those need a key-based mask): the
+    // kernels for it leave that path out.
+    FwdPlan plan = launch_plan;
+    if constexpr (kStagedMask) plan.gather = 0;
     constexpr bool kKeySplit = kLayout == FwdLayout::kKeys;
     using Tile = FwdTileOf<kHeadDim, kLayout, kStagedMask>;
     using Math = std::conditional_t<kLayout == FwdLayout::kWarpgroups, WarpgroupMath<T, Tile>,

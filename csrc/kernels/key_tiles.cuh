@@ -27,6 +27,14 @@ namespace fdm {
 
 constexpr int kNoKey = 0x7fffffff;  // key[c] of an empty column: above every causal limit
 
+// Whether the copies of a listed gathered tile read their rows' keys from the list themselves
+// (load_key_tile_async), so that staging the tile needs no CTA barrier: in the warpgroup layout,
+// where that barrier sat inside the step and undid the warpgroups' stagger (prefill-c 1.10x on an
+// H200, docs/notes.md version 30). The 4-warp layouts copy from the staged rows after a barrier:
+// reading the list there made decode 5-8% slower.
+template <class Tile>
+constexpr bool kListedRowsFromList = Tile::kWarps == 8;
+
 // Keys and subtiles of a gathered chunk (FwdPlan::tiles_per_chunk, known at compile time here).
 template <class Tile>
 constexpr int kGatherChunkOf = gather_chunk(Tile::kBlockN);
@@ -95,7 +103,8 @@ __device__ __forceinline__ int skip_empty_subtiles(const GatheredKeys &g, int n,
 struct KeyColumn {
     int n;               // the tile it belongs to; -1: nothing fetched
     int key;             // local key index j, kNoKey past the tile's keys
-    int64_t row;         // K/V row of j (-1: none; only paged or gathered tiles need it)
+    int64_t row;         // K/V row of j (-1: none; only paged tiles, and listed ones where
+                         // kListedRowsFromList is false, need it)
     uint32_t bias_bits;  // key-based bias of j as stored (0 without one)
     uint32_t keep_bits;  // key-based mask of j as stored (1 when there is none to read)
 };
@@ -116,7 +125,9 @@ __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const
     }
     const bool has_key = j != kNoKey;
     col.key = j;
-    col.row = has_key && (plan.gather || p.block_table != nullptr) ? fdm_key_row(&p, &c.seq, j) : -1;
+    col.row = has_key && ((plan.gather && !kListedRowsFromList<Tile>) || p.block_table != nullptr)
+                  ? fdm_key_row(&p, &c.seq, j)
+                  : -1;
     col.bias_bits = has_key && p.bias.ptr != nullptr && p.bias.layout == FDM_LAYOUT_KEY
                         ? operand_bits(p.bias, c.key_bias0 + j * p.bias.stride_k)
                         : 0u;
@@ -170,7 +181,8 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
                                  const GatheredKeys &gathered, const TileBitmap &bitmap, int n, int n_stop,
                                  KeyStage st, KeyColumn &next) {
     const int tid = threadIdx.x;
-    const bool key_mask = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_KEY;
+    // (Tiles from a query-based mask's bitmap have no key-based mask.)
+    const bool key_mask = !kFromBitmap && p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_KEY;
     bool any = false;
     if (tid < Tile::kBlockN) {
         const KeyColumn col = next.n == n ? next : fetch_key_column<Tile>(p, plan, c, gathered, n);
@@ -192,12 +204,19 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
     if (plan.gather) {
         // The lists are ascending, so the tile holds a visible pair iff its first key is below
         // key_end. On a chunk whose keys are all visible every thread knows that key, and the tile
-        // needs no barrier; the copies of a listed (or paged) tile read what other threads staged
-        // (its rows), and after that barrier its first key is read from the stage.
+        // needs no barrier; the copies of a paged tile, and of a listed one unless they read the
+        // list themselves (kListedRowsFromList), read what other threads staged (its rows), and
+        // after that barrier its first key is read from the stage.
         const GatheredTile g = GatheredTile::of<Tile>(gathered, c, n);
-        if (g.listed || p.block_table != nullptr) __syncthreads();
-        const int first = g.listed ? st.key[0] : g.chunk_start + g.entry0;
-        return first < c.key_end;
+        if constexpr (kListedRowsFromList<Tile>) {
+            if (p.block_table != nullptr) __syncthreads();
+            const int first = g.listed ? gathered.keys[g.chunk_start + g.entry0] : g.chunk_start + g.entry0;
+            return first < c.key_end;
+        } else {
+            if (g.listed || p.block_table != nullptr) __syncthreads();
+            const int first = g.listed ? st.key[0] : g.chunk_start + g.entry0;
+            return first < c.key_end;
+        }
     }
     return __syncthreads_or(any) != 0;
 }
@@ -238,16 +257,21 @@ __device__ __forceinline__ void load_key_tile_async(const fdm_params &p, const F
     const T *v_head = static_cast<const T *>(p.v) + c.hk * p.v_head_stride;
     // Keys j0 + [0, valid) in packed rows, unless the tile is paged or a listed gathered one.
     int64_t j0 = static_cast<int64_t>(n) * Tile::kBlockN, valid = c.seq.len_k - j0;
-    bool staged_rows = p.block_table != nullptr;
+    bool listed = false;
     if (plan.gather) {
         const GatheredTile g = GatheredTile::of<Tile>(gathered, c, n);
-        staged_rows = staged_rows || g.listed;
+        listed = g.listed;
         j0 = g.chunk_start + g.entry0;
         valid = g.count - g.entry0;
     }
-    if (staged_rows) {  // rows staged by prepare_key_tile
+    if (p.block_table != nullptr || (listed && !kListedRowsFromList<Tile>)) {  // rows staged by prepare_key_tile
         load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
                                  [&](int r) { return st.row[r]; }, head_dim);
+    } else if (kListedRowsFromList<Tile> && listed) {  // column r: entry j0 + r of the chunk's list (gathered keys are packed rows here)
+        const int32_t *entries = gathered.keys + j0;
+        const int64_t k_start = c.seq.k_start;
+        load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
+                                 [&](int r) { return r < valid ? k_start + entries[r] : int64_t(-1); }, head_dim);
     } else if constexpr (kRangeCopy<Tile>) {  // packed rows k_start + j0 + [0, valid)
         const int64_t row0 = c.seq.k_start + j0;
         load_kv_range_async<Tile>(k_tile, v_tile, k_head + row0 * p.k_row_stride, v_head + row0 * p.v_row_stride,

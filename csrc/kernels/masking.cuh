@@ -69,7 +69,7 @@ struct RowInfo {
     int i[2];              // local query index
     int g[2];              // group index of the row's query head
     bool ok[2];            // i < Lq (rows past the sequence are computed but never read or stored)
-    int last_key[2];       // last visible key: i + Lk - Lq when causal, else Lk - 1
+    int last_key[2];       // last visible key: min(i + Lk - Lq, Lk - 1) when causal, else Lk - 1
 };
 
 __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0) {
@@ -80,7 +80,8 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
         r.i[k] = packed / c.heads_per_cta;
         r.g[k] = static_cast<int>(c.g) + packed % c.heads_per_cta;
         r.ok[k] = r.i[k] < c.seq.len_q;
-        r.last_key[k] = static_cast<int>(c.is_causal ? fdm_causal_last_key(&c.seq, r.i[k]) : c.seq.len_k - 1);
+        const int64_t causal_last = fdm_causal_last_key(&c.seq, r.i[k]);
+        r.last_key[k] = static_cast<int>(c.is_causal && causal_last < c.seq.len_k ? causal_last : c.seq.len_k - 1);
     }
     return r;
 }
@@ -154,17 +155,17 @@ __device__ __forceinline__ float transform_scores(float (&s)[kNTiles][4], const 
                 }
         }
     }
-    // The tile's last column holds its largest key (gathered lists are ascending).
+    // The tile's last column holds its largest key (gathered lists are ascending; kNoKey past
+    // their keys). last_key < Lk, so one comparison per key covers both limits.
     const int last_col_key = keys != nullptr ? keys[Tile::kBlockN - 1] : j0 + Tile::kBlockN - 1;
-    const bool crosses_edge =
-        last_col_key >= c.seq.len_k || last_col_key > min(rows.last_key[0], rows.last_key[1]);
+    const bool crosses_edge = last_col_key > min(rows.last_key[0], rows.last_key[1]);
     if (crosses_edge) {
 #pragma unroll
         for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = key_of(t, e);
-                if (j >= c.seq.len_k || j > rows.last_key[e / 2]) s[t][e] = -INFINITY;
+                if (j > rows.last_key[e / 2]) s[t][e] = -INFINITY;
             }
     }
     if (p.mask.ptr != nullptr) {
