@@ -267,7 +267,8 @@ __device__ __forceinline__ void load_key_tile_async(const fdm_params &p, const F
     if (p.block_table != nullptr || (listed && !kListedRowsFromList<Tile>)) {  // rows staged by prepare_key_tile
         load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
                                  [&](int r) { return st.row[r]; }, head_dim);
-    } else if (kListedRowsFromList<Tile> && listed) {  // column r: entry j0 + r of the chunk's list (gathered keys are packed rows here)
+    } else if (kListedRowsFromList<Tile> && listed) {
+        // Column r: entry j0 + r of the chunk's list, a packed row here (not paged).
         const int32_t *entries = gathered.keys + j0;
         const int64_t k_start = c.seq.k_start;
         load_kv_rows_async<Tile>(k_tile, v_tile, k_head, v_head, p.k_row_stride, p.v_row_stride,
