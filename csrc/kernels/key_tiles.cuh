@@ -208,15 +208,12 @@ __device__ bool prepare_key_tile(const fdm_params &p, const FwdPlan &plan, const
         // list themselves (kListedRowsFromList), read what other threads staged (its rows), and
         // after that barrier its first key is read from the stage.
         const GatheredTile g = GatheredTile::of<Tile>(gathered, c, n);
-        if constexpr (kListedRowsFromList<Tile>) {
-            if (p.block_table != nullptr) __syncthreads();
-            const int first = g.listed ? gathered.keys[g.chunk_start + g.entry0] : g.chunk_start + g.entry0;
-            return first < c.key_end;
-        } else {
-            if (g.listed || p.block_table != nullptr) __syncthreads();
-            const int first = g.listed ? st.key[0] : g.chunk_start + g.entry0;
-            return first < c.key_end;
-        }
+        const bool staged_list = g.listed && !kListedRowsFromList<Tile>;
+        if (staged_list || p.block_table != nullptr) __syncthreads();
+        const int first = !g.listed     ? g.chunk_start + g.entry0
+                          : staged_list ? st.key[0]
+                                        : gathered.keys[g.chunk_start + g.entry0];
+        return first < c.key_end;
     }
     return __syncthreads_or(any) != 0;
 }
