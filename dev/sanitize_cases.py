@@ -18,8 +18,8 @@ def operand(kind, heads, total_q, total_k, max_k, dtype, is_mask):
     if kind is None:
         return None
     shape = (total_k, heads) if kind == "key" else (total_q, heads, max_k)
-    if is_mask:
-        return torch.rand(shape, device="cuda") < 0.7
+    if is_mask:  # "query-full": nearly all kept, so most tiles are full (tile_visibility.cu)
+        return torch.rand(shape, device="cuda") < (0.9995 if kind == "query-full" else 0.7)
     return torch.randn(shape, device="cuda", dtype=dtype)
 
 
@@ -90,6 +90,8 @@ def main():
     cases.append(([(3, 2208), (1, 150), (0, 40)], 8, 2, 128, torch.bfloat16, "query", 8, "key", 2, True))
     cases.append(([(130, 3008), (67, 67)], 4, 2, 64, torch.float16, "query", 1, None, 0, True))
     cases.append(([(130, 3000), (67, 67)], 4, 2, 64, torch.float16, "query", 1, None, 0, True))
+    cases.append(([(130, 3008), (67, 67), (5, 200)], 8, 2, 128, torch.bfloat16, "query-full", 1, "key", 2, True))
+    cases.append(([(130, 3008), (67, 67), (5, 200)], 8, 2, 128, torch.bfloat16, "query-full", 8, None, 0, False))
     # Gathered keys (forced on, also short sequences), forced split counts, paged K/V.
     gather = {"FLASH_DMATTN_GATHER_KEYS": "1"}
     cases.append((lens, 8, 2, 64, torch.bfloat16, "key", 2, "key", 2, True, gather))

@@ -468,11 +468,11 @@ LAYOUTS = {"rows": (0, 0), "keys": (1, 0), "warpgroups": (0, 1)}
 
 
 # Chunk kinds of the gathered path (csrc/kernels/key_tiles.cuh): a chunk of gather_chunk(kBlockN)
-# keys (launch_plan.h: 2048 for the warpgroup tiles of 128 keys at D = 128, else 1024) whose keys
+# keys (launch_plan.h: 4096 for the warpgroup tiles of 128 keys at D = 128, else 1024) whose keys
 # are all visible is read as its contiguous range, any other through its list of visible keys.
 # Beside them an empty key sequence and an empty query sequence.
 CHUNK_SEQLENS = {"cpu": [(20, 300), (3, 150), (4, 0)],
-                 "cuda": [(700, 5000), (300, 3000), (1, 4097), (8, 2100), (129, 1025), (4, 0), (0, 2048)]}
+                 "cuda": [(700, 9000), (300, 3000), (1, 4097), (8, 2100), (129, 1025), (4, 0), (0, 2048), (40, 8193)]}
 
 
 @CAUSAL
@@ -486,7 +486,7 @@ def test_gathered_chunk_kinds(monkeypatch, device, dtype, gather, layout, causal
     key_split, warpgroups = LAYOUTS[layout]
     use_paths(monkeypatch, gather=gather, key_split=key_split, warpgroups=warpgroups)
     # The CPU kernel has no chunks: the same pattern, smaller.
-    chunk = (2048 if layout == "warpgroups" else 1024) if device == "cuda" else 64
+    chunk = (4096 if layout == "warpgroups" else 1024) if device == "cuda" else 64
     batch = make_batch(CHUNK_SEQLENS[device], 8, 2, 128, dtype, device)
     keep = torch.rand(batch.total_k, batch.num_heads_k, device=device) < 0.5
     for b, (_, len_k) in enumerate(batch.seqlens):
@@ -607,6 +607,22 @@ def test_query_mask_tile_skip(device, dtype, shape, mask_dtype, rows, causal):
         extra_cols = -batch.max_seqlen_k % 16 + (3 if rows == "misaligned" else 0)
         mask = block_sparse_query_mask(batch, heads, 0.1, mask_dtype, extra_cols)
         run_and_check(batch, attn_mask=mask, is_causal=causal)
+
+
+@CAUSAL
+@pytest.mark.parametrize("heads", ["1", "H_k", "H"])
+@SHAPE
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_query_mask_full_tiles(device, dtype, shape, heads, causal):
+    """Block masks on the kernel's 64-key tiles (16 queries = one 64-row block under packed GQA),
+    60% of the blocks kept, then one hidden pair in every ~2000: the tile test marks the kept tiles
+    without a hole full, and the kernel neither copies nor tests their mask; a tile with a hole
+    marked full would keep its hidden pair, and the output would differ from the reference."""
+    batch = make_batch(seqlens_for(shape, device), 8, 2, 64, dtype, device)
+    keep = block_sparse_query_mask(batch, heads, 0.6, torch.bool, -batch.max_seqlen_k % 16, rows=16, cols=64)
+    holes = torch.rand(keep.shape, device=keep.device) < 1 / 2000
+    run_and_check(batch, attn_mask=keep & ~holes, attn_bias=make_operand("bias", batch, ("key", "H_k")),
+                  is_causal=causal)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ MIN_GATHER_KEYS = 2048  # kGatherMinKeys
 
 def gather_chunk(block_n):
     """Keys per compaction chunk (launch_plan.h, gather_chunk)."""
-    return max(1024, 16 * block_n)
+    return 32 * block_n if block_n >= 128 else 1024
 
 
 MASK_NONE, MASK_KEY, MASK_QUERY = -1, 0, 1
@@ -90,7 +90,8 @@ def check_plan(problem, plan):
         assert tiles_per_split == 1 if tiny else tiles_per_split >= 4
 
     # Workspace: partial outputs and lse with split-KV, then the gathered lists and counts, then a
-    # query-based mask's tile bits (one 32-bit word per 32 key tiles of each row block and mask head).
+    # query-based mask's tile bits, visible and full (each one 32-bit word per 32 key tiles of each
+    # row block and mask head).
     expect = 0
     if num_splits > 1:
         rows = num_splits * total_q * h
@@ -100,7 +101,7 @@ def check_plan(problem, plan):
         expect += align16(mask_heads * total_k * 4) + align16(mask_heads * b * math.ceil(max_k / chunk) * 4)
     if mask_layout == MASK_QUERY and max_k > 0:
         words = math.ceil(math.ceil(max_k / block_n) / 32)
-        expect += align16(mask_heads * b * num_m_blocks * words * 4)
+        expect += 2 * align16(mask_heads * b * num_m_blocks * words * 4)
     if row_schedule:
         expect += grid_row_blocks * (h // heads_per_cta) * 16
     assert workspace == expect

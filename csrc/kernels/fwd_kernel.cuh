@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     const int n_begin = split * plan.tiles_per_split;
     const int n_stop = static_cast<int>(min_i64(num_n_tiles, n_begin + plan.tiles_per_split));
     const GatheredKeys gathered = plan.gather ? GatheredKeys::of(p, plan, ctx) : GatheredKeys{nullptr, nullptr};
-    const TileBitmap bitmap = plan.tile_bitmap ? TileBitmap::of(p, plan, ctx, m_block) : TileBitmap{nullptr, 0, 0};
+    const TileBitmap bitmap = plan.tile_bitmap ? TileBitmap::of(p, plan, ctx, m_block) : TileBitmap{nullptr, nullptr, 0, 0};
 
     extern __shared__ __align__(16) unsigned char smem_start[];
     unsigned char *smem = smem_start;
@@ -166,9 +166,15 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
             ++n;
         }
     };
+    // Bit s: the tile in stage s is full (TileBitmap::full), so its staged mask block is neither
+    // copied nor tested.
+    unsigned full_stages = 0;
     auto load_kv_async = [&](int n, int stage) {
+        bool full = false;
+        if constexpr (kStagedMask) full = plan.tile_bitmap && bitmap.full(n);
+        full_stages = (full_stages & ~(1u << stage)) | (unsigned(full) << stage);
         load_key_tile_async<Tile>(p, plan, ctx, gathered, n, key_stage(stage), k_s + stage * Tile::kKVElems,
-                                  v_s + stage * Tile::kKVElems, qmask_stage(stage));
+                                  v_s + stage * Tile::kKVElems, full ? nullptr : qmask_stage(stage));
     };
 
     // After the last tile the K/V stages are free: KeySplitMath merges its warps' results there.
@@ -179,8 +185,9 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     if (n < n_stop) load_kv_async(n, stage);
 
     const auto operands = [&](int stage) {
+        const bool full = (full_stages >> stage) & 1u;
         return TileOperands<T>{q_s, k_s + stage * Tile::kKVElems, v_s + stage * Tile::kKVElems, key_stage(stage),
-                               qmask_stage(stage), plan.gather != 0};
+                               full ? nullptr : qmask_stage(stage), plan.gather != 0, full};
     };
     if constexpr (kLayout == FwdLayout::kWarpgroups) {
         // One barrier per tile: it publishes tile n (landed, and fenced for the tensor cores' reads)

@@ -18,7 +18,7 @@
 namespace fdm {
 
 constexpr int kGatherThreads = 256;
-constexpr int kMaxKeysPerThread = 8;  // consecutive keys of one thread: C / kGatherThreads, C <= 2048
+constexpr int kMaxKeysPerThread = 16;  // consecutive keys of one thread: C / kGatherThreads, C <= 4096
 static_assert(gather_chunk(128) <= kMaxKeysPerThread * kGatherThreads && gather_chunk(32) % kGatherThreads == 0,
               "every chunk is whole keys per thread, at most kMaxKeysPerThread");
 

@@ -138,20 +138,24 @@ __device__ __forceinline__ KeyColumn fetch_key_column(const fdm_params &p, const
 }
 
 // The tile bits of one CTA's row block under a query-based mask (tile_visibility.cu): tile n may
-// hold a visible pair iff bit n is set in the words of any mask head the block's rows use.
+// hold a visible pair iff bit n is set in the words of any mask head the block's rows use, and the
+// mask keeps every pair of it within the limits iff its full bit is set in all of them.
 struct TileBitmap {
-    const uint32_t *words;  // (bitmap_words,) of the block's first mask head
-    int64_t head_step;      // words between the block's words of consecutive mask heads
-    int heads;              // mask heads to OR: P with packed GQA over a mask that differs per head, else 1
+    const uint32_t *words;       // (bitmap_words,) of the block's first mask head: visible tiles
+    const uint32_t *full_words;  // (bitmap_words,) the same for full tiles
+    int64_t head_step;           // words between the block's words of consecutive mask heads
+    int heads;                   // mask heads to combine: P with packed GQA over a mask that differs
+                                 // per head, else 1
 
     __device__ static TileBitmap of(const fdm_params &p, const FwdPlan &plan, const MaskContext &c, int m_block) {
         const WorkspaceLayout w = workspace_layout(&p, &plan);
-        const uint32_t *base = reinterpret_cast<const uint32_t *>(static_cast<const unsigned char *>(p.workspace) +
-                                                                  w.tile_bits);
+        const unsigned char *workspace = static_cast<const unsigned char *>(p.workspace);
         const int64_t head = gather_list_head(&p, c.hk, c.g);
         TileBitmap t;
         t.head_step = p.batch * plan.num_m_blocks * plan.bitmap_words;
-        t.words = base + head * t.head_step + (c.seq.b * plan.num_m_blocks + m_block) * plan.bitmap_words;
+        const int64_t first = head * t.head_step + (c.seq.b * plan.num_m_blocks + m_block) * plan.bitmap_words;
+        t.words = reinterpret_cast<const uint32_t *>(workspace + w.tile_bits) + first;
+        t.full_words = reinterpret_cast<const uint32_t *>(workspace + w.full_bits) + first;
         t.heads = gather_group_heads(&p) > 1 ? c.heads_per_cta : 1;
         return t;
     }
@@ -167,6 +171,13 @@ struct TileBitmap {
             n = (n / 32 + 1) * 32;
         }
         return n_stop;
+    }
+
+    // Whether tile n is full: its mask need not be copied or tested.
+    __device__ __forceinline__ bool full(int n) const {
+        uint32_t word = 0xffffffffu;
+        for (int h = 0; h < heads; ++h) word &= full_words[h * head_step + n / 32];
+        return (word >> (n % 32)) & 1u;
     }
 };
 

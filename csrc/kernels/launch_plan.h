@@ -31,10 +31,10 @@
 namespace fdm {
 
 constexpr int kGatherMinKeys = 2048;   // gathered keys from this max_seqlen_k on (the heuristic)
-// Keys per compaction chunk for key tiles of block_n keys: 1024, or 16 tiles of 128 keys. A chunk
+// Keys per compaction chunk for key tiles of block_n keys: 1024, or 32 tiles of 128 keys. A chunk
 // of v visible keys fills ceil(v / block_n) tiles, the last one partly: longer chunks waste less
-// (at 50% density 1024 keys make 4.5 tiles of 128 on average, 2048 keys 8.5).
-FDM_HOST_DEVICE constexpr int gather_chunk(int block_n) { return 16 * block_n > 1024 ? 16 * block_n : 1024; }
+// (at 50% density 1024 keys make 4.5 tiles of 128 on average, 2048 keys 8.5, 4096 keys 16.5).
+FDM_HOST_DEVICE constexpr int gather_chunk(int block_n) { return block_n >= 128 ? 32 * block_n : 1024; }
 constexpr int kMaxSplits = 128;        // split-KV ranges per row block at most
 constexpr int kMinSplitTiles = 8;      // key tiles per range at least (amortizes the partial write)
 constexpr int kWavesUniform = 1;       // a split grid holds about this many waves of CTAs when every
@@ -232,10 +232,13 @@ FDM_HOST_DEVICE int64_t gather_list_head(const fdm_params *p, int64_t hk, int64_
 //   tile_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
 //                                                     query-based mask: bit n of a row block's words
 //                                                     = key tile n holds a visible pair of its rows
+//   full_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
+//                                                     and bit n here = the mask keeps every pair of
+//                                                     tile n within the rows' length and causal limits
 //   schedule    (grid_row_blocks * head blocks) int4  row schedule: {b, m_block, head_block, 0} of
 //                                                     each CTA (less its split), b = -1: none
 struct WorkspaceLayout {
-    size_t o_partial, lse_partial, keys, counts, tile_bits, schedule, total;
+    size_t o_partial, lse_partial, keys, counts, tile_bits, full_bits, schedule, total;
 };
 
 FDM_HOST_DEVICE size_t align16(size_t n) { return (n + 15) / 16 * 16; }
@@ -254,8 +257,11 @@ FDM_HOST_DEVICE WorkspaceLayout workspace_layout(const fdm_params *p, const FwdP
     w.counts = at;
     at += align16(list_heads * p->batch * plan->max_chunks * sizeof(int32_t));
     const size_t bitmap_heads = plan->tile_bitmap ? static_cast<size_t>(gather_kv_heads(p) * gather_group_heads(p)) : 0;
+    const size_t bitmap_bytes = align16(bitmap_heads * p->batch * plan->num_m_blocks * plan->bitmap_words * sizeof(uint32_t));
     w.tile_bits = at;
-    at += align16(bitmap_heads * p->batch * plan->num_m_blocks * plan->bitmap_words * sizeof(uint32_t));
+    at += bitmap_bytes;
+    w.full_bits = at;
+    at += bitmap_bytes;
     w.schedule = at;
     if (plan->row_schedule)
         at += static_cast<size_t>(plan->grid_row_blocks) * (p->num_heads / plan->heads_per_cta) * 4 * sizeof(int32_t);

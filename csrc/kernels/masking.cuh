@@ -99,14 +99,15 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
 // j = n * kBlockN + c, or keys[c] on a gathered tile (keys != nullptr; kNoKey past its keys).
 // keep / kbias: the tile's staged key-based mask and bias (times log2 e); qmask: the tile's staged
 // block of a query-based byte mask, (kBlockM, kQMaskStride), or nullptr to read the mask from
-// global memory.
+// global memory; mask_full: the tile's query-based mask keeps every pair within the limits
+// (tile_visibility.cu), so only the limits are applied.
 // Each step is one uniform branch per tile, not per element; limits are tested only on tiles that
 // cross Lk or the diagonal.
 template <class Tile, int kNTiles>
 __device__ __forceinline__ float transform_scores(float (&s)[kNTiles][4], const fdm_params &p, const MaskContext &c,
                                                   const RowInfo &rows, int n, const uint8_t *keep,
                                                   const float *kbias, const int *keys, const uint8_t *qmask,
-                                                  int row0, int col_base) {
+                                                  bool mask_full, int row0, int col_base) {
     const int j0 = n * Tile::kBlockN;
     const int col0 = col_base + 2 * (threadIdx.x % 4);
     const auto key_of = [&](int t, int e) {
@@ -168,7 +169,7 @@ __device__ __forceinline__ float transform_scores(float (&s)[kNTiles][4], const 
                 if (j > rows.last_key[e / 2]) s[t][e] = -INFINITY;
             }
     }
-    if (p.mask.ptr != nullptr) {
+    if (p.mask.ptr != nullptr && !mask_full) {
         if (p.mask.layout == FDM_LAYOUT_KEY) {
             if (keys == nullptr) {  // gathered keys are all kept
 #pragma unroll

@@ -39,6 +39,8 @@ struct TileOperands {
     KeyStage keys;     // the tile's staged per-key data (key_tiles.cuh)
     const uint8_t *qmask;  // (kBlockM, kQMaskStride) the tile's block of a staged query-based mask, or nullptr
     bool gathered;     // the tile's columns hold keys.key[c], not n * kBlockN + c
+    bool mask_full;    // the query-based mask keeps every pair of the tile within the limits
+                       // (tile_visibility.cu): nothing to copy or test, qmask is nullptr
 };
 
 template <class T, class Tile>
@@ -115,7 +117,8 @@ struct RowSplitMath {
             const int row = row0(mt) + lane / 4;
             const float c = transform_scores<Tile, kNTiles>(s[mt], p, ctx, kKeepRows ? kept_rows[mt] : make_row_info(ctx, row),
                                                             n, op.keys.keep, op.keys.bias,
-                                                            op.gathered ? op.keys.key : nullptr, op.qmask, row, 0);
+                                                            op.gathered ? op.keys.key : nullptr, op.qmask,
+                                                            op.mask_full, row, 0);
             softmax[mt].update(s[mt], acc_o[mt], c);
         }
 
@@ -247,7 +250,7 @@ struct KeySplitMath {
         // X = transform(S) in the log2 domain, then P, in registers.
         const float c = transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
                                                         op.gathered ? op.keys.key : nullptr, op.qmask,
-                                                        row0 + lane / 4, key0);
+                                                        op.mask_full, row0 + lane / 4, key0);
         softmax.update(s, acc_o, c);
 
         // O[:, col0 : col0 + kWarpCols] += P V[key0 : key0 + 16, col0 : col0 + kWarpCols].

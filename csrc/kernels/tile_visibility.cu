@@ -1,11 +1,14 @@
 // tile_visibility.cu: the tile test of a query-based mask, done up front for every key tile
 // (launch_plan.h, plan.tile_bitmap). Key tile n of a row block is visible when some row of the
 // block and key j of the tile have j < Lk, j <= the row's causal limit and a mask that keeps
-// (query, j). One warp per (mask head, sequence b, row block, word of 32 key tiles) tests its 32
-// tiles and writes bit n % 32 of word n / 32:
-//   tile_bits[head, b, m_block, word]
+// (query, j). The tile is full when the mask keeps every such pair (j < Lk and j <= the row's
+// causal limit; vacuously for rows that see none of the tile). One warp per (mask head, sequence
+// b, row block, word of 32 key tiles) tests its 32 tiles and writes bit n % 32 of word n / 32:
+//   tile_bits[head, b, m_block, word]   visible
+//   full_bits[head, b, m_block, word]   full
 // The forward kernel then moves from visible tile to visible tile with one uniform word read per
-// 32 tiles (key_tiles.cuh, TileBitmap) instead of a mask round trip and a barrier per tile.
+// 32 tiles (key_tiles.cuh, TileBitmap) instead of a mask round trip and a barrier per tile, and
+// neither copies nor tests the mask of a full tile: its limits alone decide (masking.cuh).
 //
 // A row block with packed GQA holds queries m0 / P .. (m0 + kBlockM - 1) / P of P heads; the word
 // of one mask head tests all of those queries, so a block's word may keep a tile only its other
@@ -24,14 +27,18 @@ constexpr int kLaneQueries = kFwdMaxBlockM / 32;    // queries per lane: a block
 
 constexpr int kMaxSpanLoads = 8;  // 16-byte loads of the widest key tile (128 keys)
 
-// Whether mask row `row_off` (element offset of key 0) keeps any key j in [j0, j_end). Byte masks
+// Whether the 4 bytes of x are all nonzero.
+__device__ __forceinline__ bool no_zero_byte(uint32_t x) { return ((x - 0x01010101u) & ~x & 0x80808080u) == 0; }
+
+// Whether mask row `row_off` (element offset of key 0) keeps any key j in [j0, j_end); `all` is
+// and-ed with whether it keeps every one of them (true for an empty range). Byte masks
 // with unit key stride are read 16 keys at a time where the 16 bytes are aligned and inside the
 // row (max_seqlen_k keys); everything else one element at a time. A whole aligned span (a tile
 // the row sees entirely, the common case) issues all its loads before it tests any: one memory
 // round trip per tile instead of one per 16 keys (the pass ran 97 us on prefill-d, an H200, with
 // the loads one after another; docs/notes.md, version 24).
 __device__ __forceinline__ bool row_keeps_any(const fdm_operand &m, int64_t row_off, int j0, int j_end,
-                                              int64_t max_k) {
+                                              int64_t max_k, bool &all) {
     bool any = false;
     if (m.dtype == FDM_BYTE && m.stride_k == 1) {
         const uint8_t *row = static_cast<const uint8_t *>(m.ptr) + row_off;
@@ -43,8 +50,14 @@ __device__ __forceinline__ bool row_keeps_any(const fdm_operand &m, int64_t row_
             for (int k = 0; k < kMaxSpanLoads; ++k)
                 v[k] = 16 * k < span ? *reinterpret_cast<const uint4 *>(row + j0 + 16 * k) : make_uint4(0, 0, 0, 0);
             uint32_t bits = 0;
+            bool every = true;  // of the loads inside the span
 #pragma unroll
-            for (int k = 0; k < kMaxSpanLoads; ++k) bits |= v[k].x | v[k].y | v[k].z | v[k].w;
+            for (int k = 0; k < kMaxSpanLoads; ++k) {
+                bits |= v[k].x | v[k].y | v[k].z | v[k].w;
+                if (16 * k < span)
+                    every &= no_zero_byte(v[k].x) && no_zero_byte(v[k].y) && no_zero_byte(v[k].z) && no_zero_byte(v[k].w);
+            }
+            all &= every;
             return bits != 0;
         }
         for (int j = j0; j < j_end; j += 16) {
@@ -57,19 +70,28 @@ __device__ __forceinline__ bool row_keeps_any(const fdm_operand &m, int64_t row_
                     const int bytes = min(4, max(0, valid - 4 * k));  // of word k that are in range
                     const uint32_t keep = bytes == 4 ? 0xffffffffu : (1u << (8 * bytes)) - 1u;
                     any |= (w[k] & keep) != 0;
+                    all &= no_zero_byte(w[k] | ~keep);  // bytes out of range count as kept
                 }
             } else {
-                for (int e = 0; e < valid; ++e) any |= row[j + e] != 0;
+                for (int e = 0; e < valid; ++e) {
+                    any |= row[j + e] != 0;
+                    all &= row[j + e] != 0;
+                }
             }
         }
         return any;
     }
-    for (int j = j0; j < j_end; ++j) any |= mask_keeps(m, row_off + int64_t(j) * m.stride_k);
+    for (int j = j0; j < j_end; ++j) {
+        const bool keeps = mask_keeps(m, row_off + int64_t(j) * m.stride_k);
+        any |= keeps;
+        all &= keeps;
+    }
     return any;
 }
 
 __global__ void __launch_bounds__(32 * kBitmapWarps)
-    tile_visibility_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, uint32_t *tile_bits) {
+    tile_visibility_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, uint32_t *tile_bits,
+                           uint32_t *full_bits) {
     let_dependents_launch();  // the forward may be scheduled now; it waits for this pass to finish
     const int lane = threadIdx.x % 32;
     int64_t idx = static_cast<int64_t>(blockIdx.x) * kBitmapWarps + threadIdx.x / 32;
@@ -86,7 +108,7 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
     fdm_seq seq = fdm_seq_of(&p, b);
     seq.len_k = min_i64(seq.len_k, p.max_seqlen_k);
 
-    uint32_t bits = 0;
+    uint32_t bits = 0, full = 0;
     const int P = plan.heads_per_cta;
     const int64_t rows = seq.len_q * P, m0 = static_cast<int64_t>(m_block) * plan.block_m;
     if (m0 < rows) {
@@ -108,15 +130,20 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
         for (int t = 0; t < 32; ++t) {
             const int j0 = (word * 32 + t) * plan.block_n;
             if (j0 >= seq.len_k) break;
-            bool any = false;
+            bool any = false, all = true;
 #pragma unroll
             for (int k = 0; k < kLaneQueries; ++k)
                 if (last_key[k] >= 0)
-                    any |= row_keeps_any(p.mask, row_off[k], j0, min(j0 + plan.block_n, last_key[k] + 1), p.max_seqlen_k);
+                    any |= row_keeps_any(p.mask, row_off[k], j0, min(j0 + plan.block_n, last_key[k] + 1),
+                                         p.max_seqlen_k, all);
             if (__any_sync(0xffffffffu, any)) bits |= 1u << t;
+            if (__all_sync(0xffffffffu, all)) full |= 1u << t;
         }
     }
-    if (lane == 0) tile_bits[out_index] = bits;
+    if (lane == 0) {
+        tile_bits[out_index] = bits;
+        full_bits[out_index] = full;
+    }
 }
 
 int run_tile_visibility(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
@@ -125,8 +152,10 @@ int run_tile_visibility(const fdm_params &p, const FwdPlan &plan, cudaStream_t s
     if (blocks == 0) return FDM_OK;
     if (blocks > 0x7fffffffLL) return FDM_ERR_GRID;
     const WorkspaceLayout w = workspace_layout(&p, &plan);
-    uint32_t *tile_bits = reinterpret_cast<uint32_t *>(static_cast<unsigned char *>(p.workspace) + w.tile_bits);
-    tile_visibility_kernel<<<static_cast<unsigned>(blocks), 32 * kBitmapWarps, 0, stream>>>(p, plan, tile_bits);
+    unsigned char *workspace = static_cast<unsigned char *>(p.workspace);
+    uint32_t *tile_bits = reinterpret_cast<uint32_t *>(workspace + w.tile_bits);
+    uint32_t *full_bits = reinterpret_cast<uint32_t *>(workspace + w.full_bits);
+    tile_visibility_kernel<<<static_cast<unsigned>(blocks), 32 * kBitmapWarps, 0, stream>>>(p, plan, tile_bits, full_bits);
     return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;
 }
 

@@ -88,7 +88,8 @@ struct WarpgroupMath {
 
         // X = transform(S) in the log2 domain, then P; O is rescaled by the softmax.
         const float c = transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
-                                                        op.gathered ? op.keys.key : nullptr, nullptr, row0() + gid, 0);
+                                                        op.gathered ? op.keys.key : nullptr, nullptr, false,
+                                                        row0() + gid, 0);
         softmax.update(s, acc_o, c);
 
         // O += P V: P (64, kBlockN) as A fragments straight from the S accumulators.
