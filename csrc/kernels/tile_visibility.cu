@@ -30,15 +30,15 @@ constexpr int kMaxSpanLoads = 8;  // 16-byte loads of the widest key tile (128 k
 // Whether the 4 bytes of x are all nonzero.
 __device__ __forceinline__ bool no_zero_byte(uint32_t x) { return ((x - 0x01010101u) & ~x & 0x80808080u) == 0; }
 
-// Whether mask row `row_off` (element offset of key 0) keeps any key j in [j0, j_end); `all` is
-// and-ed with whether it keeps every one of them (true for an empty range). Byte masks
+// Whether mask row `row_off` (element offset of key 0) keeps any key j in [j0, j_end) (returned)
+// and every one of them (and-ed into `all`; true for an empty range). Byte masks
 // with unit key stride are read 16 keys at a time where the 16 bytes are aligned and inside the
 // row (max_seqlen_k keys); everything else one element at a time. A whole aligned span (a tile
 // the row sees entirely, the common case) issues all its loads before it tests any: one memory
 // round trip per tile instead of one per 16 keys (the pass ran 97 us on prefill-d, an H200, with
 // the loads one after another; docs/notes.md, version 24).
-__device__ __forceinline__ bool row_keeps_any(const fdm_operand &m, int64_t row_off, int j0, int j_end,
-                                              int64_t max_k, bool &all) {
+__device__ __forceinline__ bool row_keeps(const fdm_operand &m, int64_t row_off, int j0, int j_end,
+                                          int64_t max_k, bool &all) {
     bool any = false;
     if (m.dtype == FDM_BYTE && m.stride_k == 1) {
         const uint8_t *row = static_cast<const uint8_t *>(m.ptr) + row_off;
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
 #pragma unroll
             for (int k = 0; k < kLaneQueries; ++k)
                 if (last_key[k] >= 0)
-                    any |= row_keeps_any(p.mask, row_off[k], j0, min(j0 + plan.block_n, last_key[k] + 1),
+                    any |= row_keeps(p.mask, row_off[k], j0, min(j0 + plan.block_n, last_key[k] + 1),
                                          p.max_seqlen_k, all);
             if (__any_sync(0xffffffffu, any)) bits |= 1u << t;
             if (__all_sync(0xffffffffu, all)) full |= 1u << t;
