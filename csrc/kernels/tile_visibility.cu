@@ -2,8 +2,10 @@
 // (launch_plan.h, plan.tile_bitmap). Key tile n of a row block is visible when some row of the
 // block and key j of the tile have j < Lk, j <= the row's causal limit and a mask that keeps
 // (query, j). The tile is full when the mask keeps every such pair (j < Lk and j <= the row's
-// causal limit; vacuously for rows that see none of the tile). One warp per (mask head, sequence
-// b, row block, word of 32 key tiles) tests its 32 tiles and writes bit n % 32 of word n / 32:
+// causal limit; vacuously for rows that see none of the tile). One CTA per (mask head, sequence
+// b, row block, word of 32 key tiles): its kBitmapWarps warps test every kBitmapWarps-th of the
+// word's 32 tiles (so that many tiles' mask loads are in flight at once; one warp walking all 32
+// left the pass at 7% occupancy, docs/notes.md version 31), and it writes bit n % 32 of word n / 32:
 //   tile_bits[head, b, m_block, word]   visible
 //   full_bits[head, b, m_block, word]   full
 // The forward kernel then moves from visible tile to visible tile with one uniform word read per
@@ -22,7 +24,7 @@
 
 namespace fdm {
 
-constexpr int kBitmapWarps = 4;                     // warps (words) per CTA
+constexpr int kBitmapWarps = 4;                     // warps per CTA, which share one word's tiles
 constexpr int kLaneQueries = kFwdMaxBlockM / 32;    // queries per lane: a block's rows hold at most kFwdMaxBlockM
 
 constexpr int kMaxSpanLoads = 8;  // 16-byte loads of the widest key tile (128 keys)
@@ -93,10 +95,8 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
     tile_visibility_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, uint32_t *tile_bits,
                            uint32_t *full_bits) {
     let_dependents_launch();  // the forward may be scheduled now; it waits for this pass to finish
-    const int lane = threadIdx.x % 32;
-    int64_t idx = static_cast<int64_t>(blockIdx.x) * kBitmapWarps + threadIdx.x / 32;
-    const int64_t total = gather_kv_heads(&p) * gather_group_heads(&p) * p.batch * plan.num_m_blocks * plan.bitmap_words;
-    if (idx >= total) return;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int64_t idx = blockIdx.x;  // the word (one per CTA: the grid holds exactly the words)
     const int64_t out_index = idx;
     const int word = static_cast<int>(idx % plan.bitmap_words);
     idx /= plan.bitmap_words;
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
     fdm_seq seq = fdm_seq_of(&p, b);
     seq.len_k = min_i64(seq.len_k, p.max_seqlen_k);
 
-    uint32_t bits = 0, full = 0;
+    uint32_t bits = 0, full = 0;  // this warp's tiles' bits
     const int P = plan.heads_per_cta;
     const int64_t rows = seq.len_q * P, m0 = static_cast<int64_t>(m_block) * plan.block_m;
     if (m0 < rows) {
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
                 row_off[k] = fdm_operand_offset(&p.mask, &seq, hk, g, i, 0);
             }
         }
-        for (int t = 0; t < 32; ++t) {
+        for (int t = warp; t < 32; t += kBitmapWarps) {
             const int j0 = (word * 32 + t) * plan.block_n;
             if (j0 >= seq.len_k) break;
             bool any = false, all = true;
@@ -140,15 +140,24 @@ __global__ void __launch_bounds__(32 * kBitmapWarps)
             if (__all_sync(0xffffffffu, all)) full |= 1u << t;
         }
     }
+    // The word: the OR of the warps' visible bits; each tile's full bit comes from its one warp.
+    __shared__ uint32_t word_bits[2];  // visible, full
+    if (threadIdx.x == 0) word_bits[0] = word_bits[1] = 0;
+    __syncthreads();
     if (lane == 0) {
-        tile_bits[out_index] = bits;
-        full_bits[out_index] = full;
+        atomicOr(&word_bits[0], bits);
+        atomicOr(&word_bits[1], full);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        tile_bits[out_index] = word_bits[0];
+        full_bits[out_index] = word_bits[1];
     }
 }
 
 int run_tile_visibility(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
     const int64_t words = gather_kv_heads(&p) * gather_group_heads(&p) * p.batch * plan.num_m_blocks * plan.bitmap_words;
-    const int64_t blocks = (words + kBitmapWarps - 1) / kBitmapWarps;
+    const int64_t blocks = words;
     if (blocks == 0) return FDM_OK;
     if (blocks > 0x7fffffffLL) return FDM_ERR_GRID;
     const WorkspaceLayout w = workspace_layout(&p, &plan);
