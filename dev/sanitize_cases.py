@@ -92,6 +92,11 @@ def main():
     cases.append(([(130, 3000), (67, 67)], 4, 2, 64, torch.float16, "query", 1, None, 0, True))
     cases.append(([(130, 3008), (67, 67), (5, 200)], 8, 2, 128, torch.bfloat16, "query-full", 1, "key", 2, True))
     cases.append(([(130, 3008), (67, 67), (5, 200)], 8, 2, 128, torch.bfloat16, "query-full", 8, None, 0, False))
+    # The warpgroup layout under a staged query-based mask (Hopper; the cases above with h' = 1 and
+    # max_seqlen_k a multiple of 16 take it too): D = 256, h' = H_k, split-KV, a block of 9 queries
+    # x 4 heads (one warpgroup idle).
+    cases.append(([(200, 2112), (33, 700), (0, 10), (9, 0)], 8, 2, 256, torch.float16, "query", 2, "key", 2, True,
+                  {"FLASH_DMATTN_NUM_SPLITS": "3"}))
     # Gathered keys (forced on, also short sequences), forced split counts, paged K/V.
     gather = {"FLASH_DMATTN_GATHER_KEYS": "1"}
     cases.append((lens, 8, 2, 64, torch.bfloat16, "key", 2, "key", 2, True, gather))

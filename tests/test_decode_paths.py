@@ -7,13 +7,17 @@ reads on every call, and checked against the float64 reference:
 - FLASH_DMATTN_WARPGROUPS=1/0: the Hopper warpgroup (wgmma) layout wherever it applies / never;
 - FLASH_DMATTN_ROW_SCHEDULE=1/0: the grid without the row blocks past their sequence / the full grid;
 - packed GQA (no override): taken when the mask/bias do not vary across a group's query heads
-  (h' in {1, H_k} or query-based) and max_seqlen_q * G <= 128, i.e. the GQA/MQA decode cases here.
+  (h' in {1, H_k} or query-based) and max_seqlen_q * G <= 128, i.e. the GQA/MQA decode cases here,
+  and on Hopper for the warpgroup layout under a staged query-based mask that is the same for a
+  group's heads (test_warpgroup_query_mask).
 
 The CPU kernel ignores the variables, so the CPU cases check the CPU kernel on the same inputs (kept
 small: the float64 reference is slow); the bigger shapes run on CUDA only. Also: CUDA graph replay of
 a decode step with new contents and new sequence lengths, torch.compile, and agreement of the paths
 with one another on the same inputs.
 """
+import re
+
 import pytest
 import torch
 
@@ -623,6 +627,51 @@ def test_query_mask_full_tiles(device, dtype, shape, heads, causal):
     holes = torch.rand(keep.shape, device=keep.device) < 1 / 2000
     run_and_check(batch, attn_mask=keep & ~holes, attn_bias=make_operand("bias", batch, ("key", "H_k")),
                   is_causal=causal)
+
+
+# The warpgroup layout under a staged query-based mask (launch_plan.h, warpgroups_take_query_mask):
+# the G heads of a KV group packed into 128-row blocks of 128 / G queries, 64-key tiles. Lengths on
+# no 16-, 32- or 64-query boundary: blocks whose second warpgroup holds no rows, Lq > Lk, an empty
+# key sequence, an empty query sequence, one key.
+WARPGROUP_QMASK_SEQLENS = {
+    "cpu": [(70, 133), (110, 30), (13, 0), (0, 7), (33, 20)],
+    "cuda": [(700, 1337), (1100, 300), (130, 0), (0, 77), (1, 1), (33, 200), (193, 193), (17, 65)],
+}
+
+
+@CAUSAL
+@pytest.mark.parametrize("mask_heads", ["1", "H_k", "H"])
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+@pytest.mark.parametrize("device,dtype,head_dim", per_device(
+    cpu=[(64,)], cuda=[(d,) for d in (64, 128, 256, 40)], ids=lambda d: f"d{d}"))
+def test_warpgroup_query_mask(monkeypatch, device, dtype, head_dim, heads, mask_heads, causal):
+    """Block-sparse query-based masks (staged: rows padded to 16 bytes) with a key-based bias, two
+    kinds per call: blocks on the kernel's 16-query x 64-key tiles with rare hidden pairs (full,
+    partly kept and hidden tiles) and 48 x 80 blocks (tiles partly visible), each at the
+    heuristic's split count and at 3 splits, against the float64 reference. On Hopper the
+    profiler shows which kernel ran: with a mask the same for a group's heads (h' = 1 or H_k) the
+    warpgroup layout with a staged mask, never with h' = H. (Its results can equal the row split's
+    bit for bit: both sum 64-key tiles in the same order.)"""
+    num_heads, num_heads_k = HEADS[heads]
+    seqlens = WARPGROUP_QMASK_SEQLENS[device]
+    for kind, (rows, cols, density) in {"tiles": (16, 64, 0.4), "blocks": (48, 80, 0.15)}.items():
+        for splits in (None, 3):
+            batch = make_batch(seqlens, num_heads, num_heads_k, head_dim, dtype, device)
+            mask = block_sparse_query_mask(batch, mask_heads, density, torch.bool, -batch.max_seqlen_k % 16,
+                                           rows=rows, cols=cols)
+            mask &= torch.rand(mask.shape, device=device) >= 1 / 2000
+            kwargs = dict(attn_mask=mask, attn_bias=make_operand("bias", batch, ("key", "H_k")), is_causal=causal)
+            use_paths(monkeypatch, splits=splits)
+            out, lse = run_and_check(batch, **kwargs)
+            assert_empty_key_sequences_hidden(batch, out, lse)
+            if device == "cuda" and on_hopper():
+                names = kernels_launched(lambda: run_flash(batch, **kwargs))
+                ran = any(WARPGROUP_QMASK_KERNEL.search(n) for n in names)
+                assert ran == (mask_heads != "H"), f"{kind}, h' = {mask_heads}: kernels {names}"
+
+
+# fwd_kernel<T, D, FwdLayout::kWarpgroups, true> in a profiler event name, demangled or mangled.
+WARPGROUP_QMASK_KERNEL = re.compile(r"fwd_kernel<.*(kWarpgroups|FwdLayout\)2), true>|fwd_kernel.*FwdLayoutE2ELb1E")
 
 
 # ----------------------------------------------------------------------------------------------

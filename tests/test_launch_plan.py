@@ -52,10 +52,20 @@ def check_plan(problem, plan):
      row_schedule, grid_row_blocks) = plan
     group = h // hk
 
-    # Packed GQA: only whole groups, never when a key-based mask differs across the group's heads.
+    # The Hopper warpgroup layout: exactly the blocks the row split would take; under a query-based
+    # mask only when the mask is the same for the heads of a group (G >= 2), which it then packs.
+    query_mask_packs = mask_layout == MASK_QUERY and mask_group_stride == 0 and group >= 2
+    assert warpgroups == int((mask_layout != MASK_QUERY or query_mask_packs) and not key_split)
+
+    # Packed GQA: only whole groups, never when a key-based mask differs across the group's heads;
+    # always for the warpgroup layout under a query-based mask, else only for short blocks.
     assert heads_per_cta in (1, group)
     if mask_layout == MASK_KEY and mask_group_stride != 0:
         assert heads_per_cta == 1
+    if warpgroups and mask_layout == MASK_QUERY:
+        assert heads_per_cta == group
+    elif heads_per_cta > 1:
+        assert max_q * group <= 2 * block_m
     assert num_m_blocks == math.ceil(max_q * heads_per_cta / block_m)
     # The key-split layout exactly for blocks of at most 32 rows (decode).
     assert key_split == (max_q * heads_per_cta <= 32)
@@ -109,9 +119,6 @@ def check_plan(problem, plan):
     # CTA order: row blocks first with a query-based mask or when the batch's K/V fits a 50 MB L2.
     kv_bytes = (total_k if total_k > 0 else b * max_k) * hk * D * 2 * 2
     assert rows_first == int((mask_layout == MASK_QUERY and max_k > 0) or kv_bytes <= 50 << 20)
-    # The Hopper warpgroup layout: exactly the blocks the row split would take, never under a
-    # query-based mask (its tile test is built for the row split's 64 x 64 tiles).
-    assert warpgroups == int(mask_layout != MASK_QUERY and not key_split)
 
 
 def test_plan_invariants_on_random_problems(probe):
@@ -149,6 +156,8 @@ def test_plan_of_the_benchmark_shapes(probe):
         "per_head": problem(1, 1, 131072, 131072, group_stride=1),   # key mask with h' = H
         "prefill": problem(8, 8192, 8192, 19968, mask=MASK_NONE, total_q=19968),
         "forced": problem(1, 1, 4096, 4096, force_splits=7, force_gather=0),
+        "prefill_qmask": problem(8, 8192, 8192, 19968, mask=MASK_QUERY, total_q=19968),  # prefill (d)
+        "prefill_qmask_per_head": problem(8, 8192, 8192, 19968, mask=MASK_QUERY, group_stride=1, total_q=19968),
     }
     plans = dict(zip(shapes, probe(list(shapes.values()))))
     assert plans["a"][0] == 4 and plans["a"][2] >= 8 and plans["a"][4] == 1   # packed, split, gathered
@@ -161,3 +170,7 @@ def test_plan_of_the_benchmark_shapes(probe):
     assert plans["prefill"][7] == 0          # 82 MB of K/V, beyond L2: sequences and heads first
     assert plans["e"][7] == 1                # a few KB: row blocks first
     assert plans["forced"][2] == 7 and plans["forced"][4] == 0
+    # A block-sparse query mask, one for all heads: the warpgroup layout with the group packed; per
+    # query head (h' = H): the row split, unpacked.
+    assert plans["prefill_qmask"][0] == 4 and plans["prefill_qmask"][8] == 1
+    assert plans["prefill_qmask_per_head"][0] == 1 and plans["prefill_qmask_per_head"][8] == 0

@@ -36,7 +36,9 @@ template <int kHeadDim>
 FwdShape shape_of(fdm::FwdLayout layout, bool staged_mask) {
     using fdm::FwdLayout;
     if constexpr (fdm::is_warpgroup_head_dim(kHeadDim)) {
-        if (layout == FwdLayout::kWarpgroups) return shape_of<kHeadDim, FwdLayout::kWarpgroups, false>();
+        if (layout == FwdLayout::kWarpgroups)
+            return staged_mask ? shape_of<kHeadDim, FwdLayout::kWarpgroups, true>()
+                               : shape_of<kHeadDim, FwdLayout::kWarpgroups, false>();
     }
     if (layout == FwdLayout::kKeys)
         return staged_mask ? shape_of<kHeadDim, FwdLayout::kKeys, true>() : shape_of<kHeadDim, FwdLayout::kKeys, false>();
@@ -76,11 +78,7 @@ fdm::FwdPlan plan_for(const fdm_params &p) {
                                              : key_split ? fdm::FwdLayout::kKeys : fdm::FwdLayout::kRows;
     const FwdShape shape = fwd_shape(tile_head_dim, layout, fdm::use_staged_query_mask(p));
     fdm::FwdPlan plan = fdm::make_plan(p, shape.block_m, shape.block_n, device_attribute(cudaDevAttrMultiProcessorCount),
-                                       shape.ctas_per_sm);
-    if (warpgroups) {
-        plan.warpgroups = 1;
-        plan.key_split = 0;
-    }
+                                       shape.ctas_per_sm, warpgroups);
     plan.rows_first = fdm::use_rows_first(p, plan, device_attribute(cudaDevAttrL2CacheSize)) ? 1 : 0;
     return plan;
 }
@@ -89,7 +87,9 @@ template <class T, int kHeadDim>
 int run_layout(const fdm_params &p, const fdm::FwdPlan &plan, cudaStream_t stream) {
     using fdm::FwdLayout;
     if constexpr (fdm::is_warpgroup_head_dim(kHeadDim)) {
-        if (plan.warpgroups) return fdm::run_fwd<T, kHeadDim, FwdLayout::kWarpgroups, false>(p, plan, stream);
+        if (plan.warpgroups)
+            return plan.staged_query_mask ? fdm::run_fwd<T, kHeadDim, FwdLayout::kWarpgroups, true>(p, plan, stream)
+                                          : fdm::run_fwd<T, kHeadDim, FwdLayout::kWarpgroups, false>(p, plan, stream);
     }
     if (plan.staged_query_mask)
         return plan.key_split ? fdm::run_fwd<T, kHeadDim, FwdLayout::kKeys, true>(p, plan, stream)

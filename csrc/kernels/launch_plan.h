@@ -4,7 +4,8 @@
 //
 // Four decisions, aimed at decoding (few queries, many keys) and sparse key masks:
 //   packed GQA: the P = G query heads that share a KV head become rows of one CTA (row R of a
-//     block is query R / P of head h0 + R % P), so each K/V tile is loaded once for all of them.
+//     block is query R / P of head h0 + R % P), so each K/V tile is loaded once for all of them
+//     (decode; and prefill blocks of the warpgroup layout under a query-based mask).
 //   split-KV: when the CTAs are fewer than one wave, each (row block, head block) is cut
 //     into num_splits key ranges computed by separate CTAs; a combine kernel merges their partial
 //     outputs by their log-sum-exp (flash-decoding).
@@ -74,13 +75,16 @@ struct FwdPlan {
                             // row schedule the most the batch can have
 };
 
-// Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H);
-// it is used for short query blocks (decode), where it saves the most.
-inline bool can_pack_gqa(const fdm_params &p, int block_m) {
-    const int64_t group = p.num_heads / p.num_heads_k;
+// Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H).
+inline bool heads_share_key_operands(const fdm_params &p) {
     const bool mask_ok = p.mask.ptr == nullptr || p.mask.layout == FDM_LAYOUT_QUERY || p.mask.stride_group == 0;
     const bool bias_ok = p.bias.ptr == nullptr || p.bias.layout == FDM_LAYOUT_QUERY || p.bias.stride_group == 0;
-    return group > 1 && mask_ok && bias_ok && p.max_seqlen_q * group <= 2 * block_m;
+    return p.num_heads / p.num_heads_k > 1 && mask_ok && bias_ok;
+}
+
+// Packed GQA for short query blocks (decode), where it saves the most.
+inline bool can_pack_gqa(const fdm_params &p, int block_m) {
+    return heads_share_key_operands(p) && p.max_seqlen_q * (p.num_heads / p.num_heads_k) <= 2 * block_m;
 }
 
 // The gathered-key path pays off once a sequence spans a few chunks; FLASH_DMATTN_GATHER_KEYS
@@ -115,16 +119,33 @@ inline bool use_key_split(const fdm_params &p, int block_m) {
     return fits;
 }
 
+// The warpgroup layout under a staged query-based mask: when the mask is the same for the G >= 2
+// heads of a KV group, they are packed into its 128-row blocks whatever the queries (block row R
+// is query R / G of head h0 + R % G), so a block holds 128 / G queries, and with 64-key tiles
+// (tiles.cuh, WarpgroupTile) a block mask of 64 x 64 tiles hides as many of its tiles as of the row
+// split's 64-query blocks, where 128 queries of one head would see twice as many (docs/notes.md,
+// version 25).
+inline bool warpgroups_take_query_mask(const fdm_params &p) {
+    return use_staged_query_mask(p) && p.mask.stride_group == 0 && heads_share_key_operands(p);
+}
+
 // The warpgroup layout (wgmma, warpgroup_math.cuh) for the blocks the row split would take
 // (prefill), where `available` (an sm_90a build on a Hopper GPU) and the tile head dim is one of
-// its tiles (64, 128, 256). Not under a query-based mask: its tile test and staged blocks are
-// built for the row split's 64 x 64 tiles, and a block-sparse mask hides fewer of the warpgroup
-// layout's 128 x 128 ones. FLASH_DMATTN_WARPGROUPS (p.force_warpgroups) overrides the choice
-// within those limits.
+// its tiles (64, 128, 256). Under a query-based mask only as warpgroups_take_query_mask says: the
+// 4-warp row split's 64 x 64 tiles serve the others. FLASH_DMATTN_WARPGROUPS (p.force_warpgroups)
+// overrides the choice within those limits.
 inline bool use_warpgroups(const fdm_params &p, bool key_split, bool head_dim_ok, bool available) {
-    if (!available || !head_dim_ok || (p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY)) return false;
+    if (!available || !head_dim_ok) return false;
+    if (p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY && !warpgroups_take_query_mask(p)) return false;
     if (p.force_warpgroups >= 0) return p.force_warpgroups != 0;
     return !key_split;
+}
+
+// Packed GQA (P = G heads per CTA): short blocks (can_pack_gqa), and the warpgroup layout under a
+// query-based mask (warpgroups_take_query_mask).
+inline bool use_packed_gqa(const fdm_params &p, int block_m, bool warpgroups) {
+    return can_pack_gqa(p, block_m) ||
+           (warpgroups && p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY && warpgroups_take_query_mask(p));
 }
 
 // The order of the CTAs. Either way a head's last row blocks (causal: the most keys) start first.
@@ -150,12 +171,13 @@ inline bool use_row_schedule(const fdm_params &p, int64_t full, int64_t bound) {
     return bound * 4 <= full * 3;
 }
 
-// ctas_per_sm: resident CTAs of this instantiation per SM (tiles.cuh, fwd_ctas_per_sm).
-inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_sms, int ctas_per_sm) {
+// ctas_per_sm: resident CTAs of this instantiation per SM (tiles.cuh, fwd_ctas_per_sm);
+// warpgroups: the launcher's choice of the warpgroup layout (use_warpgroups, knowing the GPU).
+inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_sms, int ctas_per_sm, bool warpgroups) {
     FwdPlan plan;
-    plan.heads_per_cta = can_pack_gqa(p, block_m) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
-    plan.key_split = use_key_split(p, block_m) ? 1 : 0;
-    plan.warpgroups = 0;  // the launcher sets it (use_warpgroups), knowing the GPU
+    plan.heads_per_cta = use_packed_gqa(p, block_m, warpgroups) ? static_cast<int>(p.num_heads / p.num_heads_k) : 1;
+    plan.key_split = !warpgroups && use_key_split(p, block_m) ? 1 : 0;
+    plan.warpgroups = warpgroups ? 1 : 0;
     plan.block_m = block_m;
     plan.block_n = block_n;
     plan.tile_bitmap = p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY && p.max_seqlen_k > 0 ? 1 : 0;
@@ -163,7 +185,7 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     plan.staged_query_mask = use_staged_query_mask(p) ? 1 : 0;
     plan.rows_first = 0;  // the launcher sets it (use_rows_first), knowing the device's L2
     plan.programmatic = 0;  // the launcher sets it per launch
-    plan.num_m_blocks = static_cast<int>((block_rows(p, block_m) + block_m - 1) / block_m);
+    plan.num_m_blocks = static_cast<int>((p.max_seqlen_q * plan.heads_per_cta + block_m - 1) / block_m);
     const int64_t full_rows = static_cast<int64_t>(plan.num_m_blocks) * p.batch;
     const int64_t bound_rows = (p.total_q * plan.heads_per_cta + block_m - 1) / block_m + p.batch;
     plan.row_schedule = use_row_schedule(p, full_rows, bound_rows) ? 1 : 0;

@@ -83,19 +83,23 @@ struct FwdTile {
 constexpr bool is_warpgroup_head_dim(int tile_head_dim) {
     return tile_head_dim == 64 || tile_head_dim == 128 || tile_head_dim == 256;
 }
-constexpr int warpgroup_block_n(int tile_head_dim) { return tile_head_dim <= 128 ? 128 : 64; }
+// Keys per tile of the warpgroup layout: 64 under a staged query-based mask (a block mask of 64 x
+// 64 tiles then hides whole key tiles; launch_plan.h, warpgroups_take_query_mask).
+constexpr int warpgroup_block_n(int tile_head_dim, bool staged_mask) {
+    return tile_head_dim <= 128 && !staged_mask ? 128 : 64;
+}
 
 // Tile shapes of the warpgroup layout (warpgroup_math.cuh): 2 warpgroups, each 64 rows of the
 // block, so one CTA holds 128 rows; keys per tile chosen so S (64 x kBlockN) and O (64 x D) of a
 // warpgroup fit its registers: 64 + 64 floats per thread at D = 128, 32 + 128 at D = 256.
-template <int kHeadDim_>
+template <int kHeadDim_, bool kStagedMask_>
 struct WarpgroupTile {
     static_assert(is_warpgroup_head_dim(kHeadDim_), "warpgroup layout head dims: 64, 128, 256");
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kWarps = 8;
     static constexpr int kThreads = 32 * kWarps;
     static constexpr int kBlockM = 128;
-    static constexpr int kBlockN = warpgroup_block_n(kHeadDim);
+    static constexpr int kBlockN = warpgroup_block_n(kHeadDim, kStagedMask_);
     static constexpr int kChunksPerRow = kHeadDim / 8;
     static constexpr int kStages = 2;
 
@@ -109,8 +113,13 @@ struct WarpgroupTile {
     static constexpr int kKeyStageBytes = kBlockN * (8 + 4 + 4 + 1);
     static constexpr int kSmemBytes =
         kSwizzleAlign + 2 * (kQElems + 2 * kStages * kKVElems) + kStages * kKeyStageBytes;  // with the alignment slack
-    static constexpr int kQMaskStride = kBlockN + 16;  // named by transform_scores; no staged mask here
-    static constexpr int smem_bytes(bool) { return kSmemBytes; }
+    // Then, with a staged query-based mask, as in FwdTile:
+    //   qmask_s  (kStages, kBlockM, kQMaskStride) uint8 the tile's block of the mask (1 = keep)
+    static constexpr int kQMaskStride = kBlockN + 16;
+    static constexpr int kQMaskStageBytes = kBlockM * kQMaskStride;
+    static constexpr int smem_bytes(bool staged_mask) {
+        return kSmemBytes + (staged_mask ? kStages * kQMaskStageBytes : 0);
+    }
     // Resident CTAs per SM: ptxas gives these kernels ~255 registers a thread (capping them at 128
     // for two CTAs of D = 64 spilled 1.7 KB), so registers allow one, whatever the shared memory.
     static constexpr int kMaxCtasPerSm = 1;
@@ -125,7 +134,7 @@ struct WarpgroupTile {
 // The tile of fwd_kernel<T, kHeadDim, kLayout, kStagedMask>.
 template <int kHeadDim, FwdLayout kLayout, bool kStagedMask>
 using FwdTileOf =
-    std::conditional_t<kLayout == FwdLayout::kWarpgroups, WarpgroupTile<kHeadDim>,
+    std::conditional_t<kLayout == FwdLayout::kWarpgroups, WarpgroupTile<kHeadDim, kStagedMask>,
                        FwdTile<kHeadDim, fwd_block_m(kHeadDim, kLayout == FwdLayout::kKeys, kStagedMask)>>;
 
 // Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by

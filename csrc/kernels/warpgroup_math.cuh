@@ -88,7 +88,7 @@ struct WarpgroupMath {
 
         // X = transform(S) in the log2 domain, then P; O is rescaled by the softmax.
         const float c = transform_scores<Tile, kNTiles>(s, p, ctx, rows, n, op.keys.keep, op.keys.bias,
-                                                        op.gathered ? op.keys.key : nullptr, nullptr, false,
+                                                        op.gathered ? op.keys.key : nullptr, op.qmask, op.mask_full,
                                                         row0() + gid, 0);
         softmax.update(s, acc_o, c);
 

@@ -28,19 +28,25 @@ int main() {
         p.force_key_split = -1;
         p.force_warpgroups = -1;
         p.force_row_schedule = -1;
-        static const char mask_byte = 1;
+        // A byte mask with unit key stride; a query-based one with 16-byte aligned rows, so that it
+        // is staged (launch_plan.h, use_staged_query_mask).
+        alignas(16) static const unsigned char mask_bytes[16] = {1};
         if (mask_layout >= 0) {
-            p.mask.ptr = &mask_byte;
+            const long long row_step = mask_layout == 0 ? 1 : 16;
+            p.mask.ptr = mask_bytes;
+            p.mask.dtype = FDM_BYTE;
             p.mask.layout = mask_layout == 0 ? FDM_LAYOUT_KEY : FDM_LAYOUT_QUERY;
-            p.mask.stride_kv_head = 1;
-            p.mask.stride_group = mask_group_stride;
+            p.mask.stride_k = 1;
+            p.mask.stride_kv_head = row_step;
+            p.mask.stride_group = mask_group_stride * row_step;
         }
-        const fdm::FwdPlan plan = fdm::make_plan(p, (int)block_m, (int)block_n, (int)sms, (int)ctas_per_sm);
+        // The layout as the launcher chooses it on a Hopper GPU with an sm_90a build (fdm_launch.cu).
+        const bool warpgroups = fdm::use_warpgroups(p, fdm::use_key_split(p, (int)block_m), true, true);
+        const fdm::FwdPlan plan = fdm::make_plan(p, (int)block_m, (int)block_n, (int)sms, (int)ctas_per_sm, warpgroups);
         const int rows_first = fdm::use_rows_first(p, plan, 50LL << 20) ? 1 : 0;
-        const int warpgroups = fdm::use_warpgroups(p, plan.key_split != 0, true, true) ? 1 : 0;  // on a Hopper
         std::printf("%d %d %d %d %d %zu %d %d %d %d %d\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
                     plan.tiles_per_split, plan.gather, fdm::workspace_layout(&p, &plan).total, plan.key_split,
-                    rows_first, warpgroups, plan.row_schedule, plan.grid_row_blocks);
+                    rows_first, plan.warpgroups, plan.row_schedule, plan.grid_row_blocks);
     }
     return 0;
 }
