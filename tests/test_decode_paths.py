@@ -629,6 +629,9 @@ def test_query_mask_full_tiles(device, dtype, shape, heads, causal):
                   is_causal=causal)
 
 
+# fwd_kernel<T, D, FwdLayout::kWarpgroups, true> in a profiler event name, demangled or mangled.
+WARPGROUP_QMASK_KERNEL = re.compile(r"fwd_kernel<.*(kWarpgroups|FwdLayout\)2), true>|fwd_kernel.*FwdLayoutE2ELb1E")
+
 # The warpgroup layout under a staged query-based mask (launch_plan.h, warpgroups_take_query_mask):
 # the G heads of a KV group packed into 128-row blocks of 128 / G queries, 64-key tiles. Lengths on
 # no 16-, 32- or 64-query boundary: blocks whose second warpgroup holds no rows, Lq > Lk, an empty
@@ -668,10 +671,6 @@ def test_warpgroup_query_mask(monkeypatch, device, dtype, head_dim, heads, mask_
                 names = kernels_launched(lambda: run_flash(batch, **kwargs))
                 ran = any(WARPGROUP_QMASK_KERNEL.search(n) for n in names)
                 assert ran == (mask_heads != "H"), f"{kind}, h' = {mask_heads}: kernels {names}"
-
-
-# fwd_kernel<T, D, FwdLayout::kWarpgroups, true> in a profiler event name, demangled or mangled.
-WARPGROUP_QMASK_KERNEL = re.compile(r"fwd_kernel<.*(kWarpgroups|FwdLayout\)2), true>|fwd_kernel.*FwdLayoutE2ELb1E")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,8 +144,7 @@ inline bool use_warpgroups(const fdm_params &p, bool key_split, bool head_dim_ok
 // Packed GQA (P = G heads per CTA): short blocks (can_pack_gqa), and the warpgroup layout under a
 // query-based mask (warpgroups_take_query_mask).
 inline bool use_packed_gqa(const fdm_params &p, int block_m, bool warpgroups) {
-    return can_pack_gqa(p, block_m) ||
-           (warpgroups && p.mask.ptr != nullptr && p.mask.layout == FDM_LAYOUT_QUERY && warpgroups_take_query_mask(p));
+    return can_pack_gqa(p, block_m) || (warpgroups && warpgroups_take_query_mask(p));
 }
 
 // The order of the CTAs. Either way a head's last row blocks (causal: the most keys) start first.
