@@ -174,3 +174,26 @@ def test_plan_of_the_benchmark_shapes(probe):
     # query head (h' = H): the row split, unpacked.
     assert plans["prefill_qmask"][0] == 4 and plans["prefill_qmask"][8] == 1
     assert plans["prefill_qmask_per_head"][0] == 1 and plans["prefill_qmask_per_head"][8] == 0
+
+
+def test_divisor(tmp_path):
+    """divisor.h's multiply-and-shift division (packed row R -> query R / P, head R % P) against
+    Python's divmod: every divisor up to 300 (head groups) and larger ones, n from 0 to 2^31 - 1."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "divisor_probe"
+    subprocess.run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", str(HERE / "native" / "divisor_probe.cpp"),
+                    "-o", str(exe)], check=True)
+    rng = random.Random()
+    divisors = list(range(1, 301)) + [rng.randrange(301, 2**31) for _ in range(200)] + [2**30, 2**31 - 1]
+    pairs = []
+    for d in divisors:
+        edges = [0, 1, d - 1, d, d + 1, 2 * d - 1, 2**31 - 1, 2**31 - 2, (2**31 - 1) // d * d, (2**31 - 1) // d * d - 1]
+        pairs += [(d, n) for n in edges if 0 <= n < 2**31]
+        pairs += [(d, rng.randrange(0, 2**31)) for _ in range(40)]
+        pairs += [(d, rng.randrange(0, 4096)) for _ in range(40)]
+    out = subprocess.run([str(exe)], input="".join(f"{d} {n}\n" for d, n in pairs), capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    wrong = [(d, n, line) for (d, n), line in zip(pairs, out) if tuple(map(int, line.split())) != divmod(n, d)]
+    assert len(out) >= len(pairs) and not wrong, wrong[:5]

@@ -53,12 +53,17 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     //   else:       blockIdx.x = ((b * head_blocks + head_block) * num_m_blocks + m_rev) * num_splits + split
     // With a row schedule (row_schedule.cu) the same order without the row blocks past their
     // sequence: (b, m_block, head_block) = schedule[blockIdx.x / num_splits].
-    int64_t idx = blockIdx.x;
-    const int split = static_cast<int>(idx % plan.num_splits);
-    idx /= plan.num_splits;
+    // (32-bit index math by the plan's divisors: the grid holds fewer than 2^31 CTAs, FDM_ERR_GRID.)
+    // step(d): idx = idx / d, returning idx % d.
+    int idx = static_cast<int>(blockIdx.x);
+    const auto step = [&](const Divisor &d) {
+        const int q = divide(d, idx), r = remainder(d, idx, q);
+        idx = q;
+        return r;
+    };
+    const int split = step(plan.div.splits);
     const int P = plan.heads_per_cta;
-    const int64_t head_blocks = p.num_heads / P;
-    int64_t head_block, b;
+    int head_block, b;
     int m_block;
     if (plan.row_schedule) {
         wait_for_prior_grid();
@@ -69,25 +74,22 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
         m_block = slot.y;
         head_block = slot.z;
     } else if (plan.rows_first) {
-        head_block = idx % head_blocks;
-        idx /= head_blocks;
-        b = idx % p.batch;
-        m_block = plan.num_m_blocks - 1 - static_cast<int>(idx / p.batch);
+        head_block = step(plan.div.head_blocks);
+        b = step(plan.div.batch);
+        m_block = plan.num_m_blocks - 1 - idx;
     } else {
-        m_block = plan.num_m_blocks - 1 - static_cast<int>(idx % plan.num_m_blocks);
-        idx /= plan.num_m_blocks;
-        head_block = idx % head_blocks;
-        b = idx / head_blocks;
+        m_block = plan.num_m_blocks - 1 - step(plan.div.m_blocks);
+        head_block = step(plan.div.head_blocks);
+        b = idx;
     }
-    const int64_t h0 = head_block * P;  // first query head of the CTA
-    const int64_t group = p.num_heads / p.num_heads_k;
+    const int h0 = head_block * P;  // first query head of the CTA
 
     MaskContext ctx;
     ctx.seq = fdm_seq_of(&p, b);
     ctx.seq.len_k = min_i64(ctx.seq.len_k, p.max_seqlen_k);  // query-based rows hold max_seqlen_k keys at most
-    ctx.hk = h0 / group;
-    ctx.g = h0 % group;
-    ctx.heads_per_cta = P;
+    ctx.hk = divide(plan.div.group, h0);
+    ctx.g = remainder(plan.div.group, h0, static_cast<int>(ctx.hk));
+    ctx.heads_per_cta = plan.div.heads;
     ctx.m0 = m_block * kBlockM;
     ctx.is_causal = p.is_causal;
     ctx.key_bias0 = p.bias.layout == FDM_LAYOUT_KEY ? fdm_operand_offset(&p.bias, &ctx.seq, ctx.hk, ctx.g, 0, 0) : 0;
@@ -99,7 +101,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     // is tiles [n_begin, n_stop) (virtual tiles of the gathered chunks when gathering).
     ctx.key_end = ctx.seq.len_k;
     if (p.is_causal)
-        ctx.key_end = min_i64(ctx.key_end, fdm_causal_last_key(&ctx.seq, (ctx.m0 + valid_rows - 1) / P) + 1);
+        ctx.key_end = min_i64(ctx.key_end, fdm_causal_last_key(&ctx.seq, divide(plan.div.heads, ctx.m0 + valid_rows - 1)) + 1);
     int num_n_tiles = 0;
     if (ctx.key_end > 0)
         num_n_tiles = plan.gather ? static_cast<int>((ctx.key_end + kGatherChunkOf<Tile> - 1) / kGatherChunkOf<Tile>) *
@@ -142,8 +144,9 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     load_rows_async<Tile, kBlockM>(
         q_s,
         [&](int r) -> const T * {
-            const int packed = ctx.m0 + r;
-            return r < valid_rows ? q_g + (packed / P) * p.q_row_stride + (packed % P) * p.q_head_stride : nullptr;
+            const int packed = ctx.m0 + r, i = divide(plan.div.heads, packed);
+            return r < valid_rows ? q_g + i * p.q_row_stride + remainder(plan.div.heads, packed, i) * p.q_head_stride
+                                  : nullptr;
         },
         q_g, head_dim);
     cp_async_commit();
@@ -182,7 +185,8 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
 
     int stage = 0;
     int n = next_visible(n_begin, stage);
-    if (n < n_stop) load_kv_async(n, stage);
+    const bool any_tile = n < n_stop;  // (uniform: next_visible returns the same n in every thread)
+    if (any_tile) load_kv_async(n, stage);
 
     const auto operands = [&](int stage) {
         const bool full = (full_stages >> stage) & 1u;
@@ -229,25 +233,45 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     const WorkspaceLayout w = workspace_layout(&p, &plan);
     float *o_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.o_partial);
     float *lse_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.lse_partial);
-    const auto q_row_of = [&](int row) { return ctx.seq.q_start + (ctx.m0 + row) / P; };
-    const auto head_of = [&](int row) { return h0 + (ctx.m0 + row) % P; };
-    // A result row's destination, computed once per row: its row of out (T) or of o_partial
-    // (float), nullptr past the sequence.
-    const auto out_row = [&](int row) -> unsigned char * {
-        if (row >= valid_rows) return nullptr;
-        const int64_t q_row = q_row_of(row), h = head_of(row);
-        if (plan.num_splits == 1)
-            return reinterpret_cast<unsigned char *>(static_cast<T *>(p.out) + q_row * p.out_row_stride +
-                                                     h * p.out_head_stride);
-        return reinterpret_cast<unsigned char *>(o_partial + ((split * p.total_q + q_row) * p.num_heads + h) * head_dim);
+    // Row `row` of the block: query q_start + q, head h0 + h, with q = (m0 + row) / P, h = (m0 + row) % P.
+    const auto q_row_of = [&](int row) -> int64_t { return ctx.seq.q_start + divide(plan.div.heads, ctx.m0 + row); };
+    const auto head_of = [&](int row) -> int64_t {
+        const int packed = ctx.m0 + row;
+        return h0 + remainder(plan.div.heads, packed, divide(plan.div.heads, packed));
     };
-    math.for_each_output(out_row, [&](unsigned char *dst, int col, float o0, float o1) {
-        if (dst == nullptr || col >= head_dim) return;
-        if (plan.num_splits == 1)
-            *reinterpret_cast<uint32_t *>(reinterpret_cast<T *>(dst) + col) = pack2<T>(o0, o1);
-        else
-            *reinterpret_cast<float2 *>(reinterpret_cast<float *>(dst) + col) = make_float2(o0, o1);
-    });
+    const auto out_row_of = [&](int row) -> T * {  // its row of out, nullptr past the sequence
+        if (row >= valid_rows) return nullptr;
+        return static_cast<T *>(p.out) + q_row_of(row) * p.out_row_stride + head_of(row) * p.out_head_stride;
+    };
+    bool stored = false;
+    if constexpr (kLayout == FwdLayout::kWarpgroups) {
+        // out (T) through the Q tile in 16-byte chunks (WarpgroupMath::store_output; out's rows are
+        // 16-byte aligned: the binding allocates it contiguous, D a multiple of 8).
+        if (plan.num_splits == 1) {
+            // Each thread waited for its own copies only: without a tile step (and its barrier)
+            // another thread's Q copy may still land where this one writes O.
+            if (!any_tile) __syncthreads();
+            math.store_output(q_s, out_row_of, head_dim);
+            stored = true;
+        }
+    }
+    if (!stored) {
+        // A result row's destination, computed once per row: its row of out (T) or of o_partial
+        // (float), nullptr past the sequence.
+        const auto out_row = [&](int row) -> unsigned char * {
+            if (plan.num_splits == 1) return reinterpret_cast<unsigned char *>(out_row_of(row));
+            if (row >= valid_rows) return nullptr;
+            return reinterpret_cast<unsigned char *>(
+                o_partial + ((split * p.total_q + q_row_of(row)) * p.num_heads + head_of(row)) * head_dim);
+        };
+        math.for_each_output(out_row, [&](unsigned char *dst, int col, float o0, float o1) {
+            if (dst == nullptr || col >= head_dim) return;
+            if (plan.num_splits == 1)
+                *reinterpret_cast<uint32_t *>(reinterpret_cast<T *>(dst) + col) = pack2<T>(o0, o1);
+            else
+                *reinterpret_cast<float2 *>(reinterpret_cast<float *>(dst) + col) = make_float2(o0, o1);
+        });
+    }
     math.for_each_lse([&](int row, float lse) {
         if (row >= valid_rows) return;
         const int64_t q_row = q_row_of(row), h = head_of(row);

@@ -156,7 +156,7 @@ struct TileBitmap {
         const int64_t first = head * t.head_step + (c.seq.b * plan.num_m_blocks + m_block) * plan.bitmap_words;
         t.words = reinterpret_cast<const uint32_t *>(workspace + w.tile_bits) + first;
         t.full_words = reinterpret_cast<const uint32_t *>(workspace + w.full_bits) + first;
-        t.heads = gather_group_heads(&p) > 1 ? c.heads_per_cta : 1;
+        t.heads = gather_group_heads(&p) > 1 ? c.heads_per_cta.d : 1;
         return t;
     }
 
@@ -245,8 +245,8 @@ __device__ __forceinline__ void load_query_mask_tile_async(const fdm_params &p, 
         const int chunk = threadIdx.x + it * Tile::kThreads;
         const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 16;
         const int packed = c.m0 + row, j = n * Tile::kBlockN + col;
-        const int i = packed / c.heads_per_cta;
-        const int64_t g = c.g + packed % c.heads_per_cta;
+        const int i = divide(c.heads_per_cta, packed);
+        const int64_t g = c.g + remainder(c.heads_per_cta, packed, i);
         const int64_t left = p.max_seqlen_k - j;  // mask bytes of the row from j on
         const int bytes = i < c.seq.len_q && left > 0 ? static_cast<int>(min_i64(16, left)) : 0;
         const uint8_t *src = bytes > 0 ? mask + fdm_operand_offset(&p.mask, &c.seq, c.hk, g, i, j) : mask;

@@ -28,6 +28,7 @@
 #include <stdint.h>
 
 #include "../fdm_params.h"
+#include "divisor.h"
 
 namespace fdm {
 
@@ -47,6 +48,17 @@ constexpr int kScheduleMaxBatch = 256; // sequences a row schedule serves at mos
 // (tile_math.cuh: 4 warps, mma.sync, any sm_80+ GPU) or WarpgroupMath (warpgroup_math.cuh: 2
 // warpgroups, wgmma, sm_90a only).
 enum class FwdLayout { kRows, kKeys, kWarpgroups };
+
+// Divisors (divisor.h) of the forward's index math, fixed per launch: the CTA index's factors and
+// the packed rows' heads.
+struct PlanDivisors {
+    Divisor heads;        // P = heads_per_cta: packed row R is query R / P of head R % P
+    Divisor splits;       // num_splits
+    Divisor head_blocks;  // H / P
+    Divisor batch;        // B
+    Divisor m_blocks;     // num_m_blocks
+    Divisor group;        // G = H / H_k: query head h is group index h % G of KV head h / G
+};
 
 // Kernel argument: how the grid maps onto the problem.
 struct FwdPlan {
@@ -73,6 +85,7 @@ struct FwdPlan {
                             // schedule in the workspace (use_row_schedule, row_schedule.cu)
     int grid_row_blocks;    // row blocks per head block in the grid: B * num_m_blocks, or with a
                             // row schedule the most the batch can have
+    PlanDivisors div;       // (set last by make_plan, from the fields above)
 };
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H).
@@ -230,6 +243,12 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     if (plan.tiles_per_split < 1) plan.tiles_per_split = 1;
     plan.num_splits = static_cast<int>((key_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split);
     if (plan.num_splits < 1) plan.num_splits = 1;
+    plan.div.heads = make_divisor(plan.heads_per_cta);
+    plan.div.splits = make_divisor(plan.num_splits);
+    plan.div.head_blocks = make_divisor(static_cast<int>(head_blocks));
+    plan.div.batch = make_divisor(static_cast<int>(p.batch));
+    plan.div.m_blocks = make_divisor(plan.num_m_blocks);
+    plan.div.group = make_divisor(static_cast<int>(p.num_heads / p.num_heads_k));
     return plan;
 }
 

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "../fdm_params.h"
+#include "divisor.h"
 #include "softmax.cuh"
 
 namespace fdm {
@@ -53,15 +54,15 @@ __device__ __forceinline__ float bias_value(const fdm_operand &b, int64_t offset
 // What one CTA knows about its (sequence, head, query block) for masking. Local indices fit in
 // int: cu_seqlens are int32.
 struct MaskContext {
-    fdm_seq seq;        // varlen bounds of the sequence (len_k clamped to max_seqlen_k)
-    int64_t hk, g;      // KV head and group index of the CTA's first query head
-    int heads_per_cta;  // P: block row R is query R / P of group index g + R % P (packed GQA)
-    int m0;             // first packed row of the block
+    fdm_seq seq;            // varlen bounds of the sequence (len_k clamped to max_seqlen_k)
+    int64_t hk, g;          // KV head and group index of the CTA's first query head
+    Divisor heads_per_cta;  // P: block row R is query R / P of group index g + R % P (packed GQA)
+    int m0;                 // first packed row of the block
     int is_causal;
-    int64_t key_end;    // keys j >= key_end are hidden from every row of the block (length, causal)
-    int64_t key_bias0;  // element offset of key 0's key-based bias for the first query head (key j:
-                        // + j * bias.stride_k); 0 without a key-based bias
-    int64_t key_mask0;  // the same for a key-based mask
+    int64_t key_end;        // keys j >= key_end are hidden from every row of the block (length, causal)
+    int64_t key_bias0;      // element offset of key 0's key-based bias for the first query head (key
+                            // j: + j * bias.stride_k); 0 without a key-based bias
+    int64_t key_mask0;      // the same for a key-based mask
 };
 
 // Per-thread facts about its two rows (gid and gid + 8 of its warp), computed once per CTA.
@@ -77,8 +78,8 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
         const int packed = c.m0 + row0 + 8 * k;
-        r.i[k] = packed / c.heads_per_cta;
-        r.g[k] = static_cast<int>(c.g) + packed % c.heads_per_cta;
+        r.i[k] = divide(c.heads_per_cta, packed);
+        r.g[k] = static_cast<int>(c.g) + remainder(c.heads_per_cta, packed, r.i[k]);
         r.ok[k] = r.i[k] < c.seq.len_q;
         const int64_t causal_last = fdm_causal_last_key(&c.seq, r.i[k]);
         r.last_key[k] = static_cast<int>(c.is_causal && causal_last < c.seq.len_k ? causal_last : c.seq.len_k - 1);

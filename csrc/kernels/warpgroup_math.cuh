@@ -12,7 +12,8 @@
 // the softmax are the ones RowSplitMath uses. Compared with it, a warp's rows need no ldmatrix of
 // Q, K or V (the tensor cores read shared memory themselves), and one wgmma covers 64 rows and
 // up to 256 columns, which mma.sync's 16 x 8 tiles cannot keep fed (docs/notes.md, version 13).
-// The interface is tile_math.cuh's: step() per tile, finalize(), for_each_output(), for_each_lse().
+// The interface is tile_math.cuh's: step() per tile, finalize(), for_each_output(), for_each_lse();
+// and store_output(), which writes out through shared memory in 16-byte rows.
 #pragma once
 
 #include "../fdm_params.h"
@@ -41,6 +42,8 @@ struct WarpgroupMath {
     // Named barrier of the stagger (0 is __syncthreads'): warpgroup 0 arrives once its S MMAs are
     // issued, warpgroup 1 waits for that before it issues its own.
     static constexpr int kStaggerBarrier = 1;
+    // Named barrier of warpgroup wg's output tile (store_output): kOutputBarrier + wg.
+    static constexpr int kOutputBarrier = 2;
 
     __device__ __forceinline__ static int warpgroup() { return static_cast<int>(threadIdx.x / 128); }
     // First row of this warp's 16.
@@ -119,6 +122,44 @@ struct WarpgroupMath {
             for (int d = 0; d < kDTiles; ++d) store(dst, d * 8 + 2 * tig, acc_o[d][2 * r], acc_o[d][2 * r + 1]);
         }
     }
+
+    // Stores O (finalized) rounded to T through shared memory: this warpgroup's 64 rows go to its rows
+    // of o_s, a swizzled (kBlockM, kHeadDim) tile (conflict-free 4-byte writes: the 8 rows of a
+    // fragment sit in 8 different 16-byte bank groups), then to global memory in 16-byte chunks,
+    // row_dest(row) being the row's destination (nullptr: not stored) and columns from head_dim on
+    // left out. The caller passes the Q tile: this warpgroup's S = Q K^T MMAs have completed and it
+    // reads no other warpgroup's rows, so only its own 128 threads need to meet. A thread then
+    // issues kHeadDim / 16 16-byte stores instead of kHeadDim / 4 4-byte ones, whose queue
+    // held the CTA's end (docs/notes.md, version 33).
+    template <class RowDest>
+    __device__ __forceinline__ void store_output(T *o_s, const RowDest &row_dest, int head_dim) const {
+        if (!active) return;
+        const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = row0() + gid + 8 * r;
+#pragma unroll
+            for (int d = 0; d < kDTiles; ++d)
+                *reinterpret_cast<uint32_t *>(o_s + Tile::template offset<kBlockM>(row, d * 8 + 2 * tig)) =
+                    pack2<T>(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
+        }
+        if (warpgroup() == 0)  // (constant barrier ids: a computed one makes ptxas reserve all 16)
+            named_barrier_sync(kOutputBarrier, 128);
+        else
+            named_barrier_sync(kOutputBarrier + 1, 128);
+        constexpr int kChunksPerRow = kHeadDim / 8, kRowsPerPass = 128 / kChunksPerRow;
+        const int t = threadIdx.x % 128, col = (t % kChunksPerRow) * 8;
+        if (col >= head_dim) return;
+#pragma unroll
+        for (int it = 0; it < 64 / kRowsPerPass; ++it) {
+            const int row = 64 * warpgroup() + t / kChunksPerRow + it * kRowsPerPass;
+            T *dst = row_dest(row);
+            if (dst != nullptr)
+                *reinterpret_cast<uint4 *>(dst + col) =
+                    *reinterpret_cast<const uint4 *>(o_s + Tile::template offset<kBlockM>(row, col));
+        }
+    }
+
     template <class F>
     __device__ __forceinline__ void for_each_lse(const F &f) const {
         if (threadIdx.x % 4 != 0) return;
