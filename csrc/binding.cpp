@@ -66,6 +66,8 @@ Sizes check_qkv(const Tensor &q, const Tensor &k, const Tensor &v) {
     FDM_CHECK(v.sizes() == k.sizes(), "value shape ", shape_str(v), " differs from key shape ", shape_str(k));
     FDM_CHECK(s.heads_k > 0 && s.heads % s.heads_k == 0, "query num_heads ", s.heads,
               " must be a multiple of key num_heads_k ", s.heads_k);
+    // (The CUDA kernels index heads in 32-bit arithmetic.)
+    FDM_CHECK(s.heads < (int64_t{1} << 31), "query num_heads must be below 2^31, got ", s.heads);
     FDM_CHECK(s.head_dim > 0, "query head_dim must be positive, got ", s.head_dim);
     FDM_CHECK(k.dtype() == q.dtype(), "key dtype ", k.dtype(), " differs from query dtype ", q.dtype());
     FDM_CHECK(v.dtype() == q.dtype(), "value dtype ", v.dtype(), " differs from query dtype ", q.dtype());

@@ -51,6 +51,16 @@ def test_heads_not_divisible():
     assert_refused(args, r"\b(key|query)\b", key=k, value=torch.randn(11, 3, D))
 
 
+def test_too_many_heads():
+    """2^31 query heads (a zero-stride view: no memory) are refused before anything is allocated."""
+    args = valid_args()
+    q = torch.randn(1, 1, D).expand(7, 2**31, D)
+    k = torch.randn(1, 1, D).expand(11, 1, D)
+    with pytest.raises(ERRORS, match=r"query num_heads must be below 2\^31"):
+        torch.ops.flash_dmattn.mha_varlen_fwd(q, k, k, None, None, args["cu_seqlens_q"], args["cu_seqlens_k"],
+                                              4, 6, 0.25, False, 0.0, None)
+
+
 def test_key_value_heads_differ():
     args = valid_args()
     assert_refused(args, r"\bvalue\b", value=torch.randn(11, 1, D))
