@@ -41,7 +41,13 @@ FDM_HOST_DEVICE int divide(const Divisor &x, int n) {
     return static_cast<int>((hi + static_cast<uint32_t>(n)) >> x.shift);
 }
 
-// n % x.d for 0 <= n < 2^31, given q = divide(x, n).
-FDM_HOST_DEVICE int remainder(const Divisor &x, int n, int q) { return n - q * x.d; }
+// n / x.d and n % x.d for 0 <= n < 2^31.
+struct QuotRem {
+    int quot, rem;
+};
+FDM_HOST_DEVICE QuotRem divmod(const Divisor &x, int n) {
+    const int q = divide(x, n);
+    return {q, n - q * x.d};
+}
 
 }  // namespace fdm

@@ -57,9 +57,9 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     // step(d): idx = idx / d, returning idx % d.
     int idx = static_cast<int>(blockIdx.x);
     const auto step = [&](const Divisor &d) {
-        const int q = divide(d, idx), r = remainder(d, idx, q);
-        idx = q;
-        return r;
+        const QuotRem qr = divmod(d, idx);
+        idx = qr.quot;
+        return qr.rem;
     };
     const int split = step(plan.div.splits);
     const int P = plan.heads_per_cta;
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     ctx.seq = fdm_seq_of(&p, b);
     ctx.seq.len_k = min_i64(ctx.seq.len_k, p.max_seqlen_k);  // query-based rows hold max_seqlen_k keys at most
     ctx.hk = divide(plan.div.group, h0);
-    ctx.g = remainder(plan.div.group, h0, static_cast<int>(ctx.hk));
+    ctx.g = h0 - static_cast<int>(ctx.hk) * plan.div.group.d;
     ctx.heads_per_cta = plan.div.heads;
     ctx.m0 = m_block * kBlockM;
     ctx.is_causal = p.is_causal;
@@ -144,9 +144,8 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     load_rows_async<Tile, kBlockM>(
         q_s,
         [&](int r) -> const T * {
-            const int packed = ctx.m0 + r, i = divide(plan.div.heads, packed);
-            return r < valid_rows ? q_g + i * p.q_row_stride + remainder(plan.div.heads, packed, i) * p.q_head_stride
-                                  : nullptr;
+            const int packed = ctx.m0 + r, i = divide(plan.div.heads, packed);  // query i, head packed % P
+            return r < valid_rows ? q_g + i * p.q_row_stride + (packed - i * plan.div.heads.d) * p.q_head_stride : nullptr;
         },
         q_g, head_dim);
     cp_async_commit();
@@ -234,11 +233,8 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     float *o_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.o_partial);
     float *lse_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.lse_partial);
     // Row `row` of the block: query q_start + q, head h0 + h, with q = (m0 + row) / P, h = (m0 + row) % P.
-    const auto q_row_of = [&](int row) -> int64_t { return ctx.seq.q_start + divide(plan.div.heads, ctx.m0 + row); };
-    const auto head_of = [&](int row) -> int64_t {
-        const int packed = ctx.m0 + row;
-        return h0 + remainder(plan.div.heads, packed, divide(plan.div.heads, packed));
-    };
+    const auto q_row_of = [&](int row) -> int64_t { return ctx.seq.q_start + divmod(plan.div.heads, ctx.m0 + row).quot; };
+    const auto head_of = [&](int row) -> int64_t { return h0 + divmod(plan.div.heads, ctx.m0 + row).rem; };
     const auto out_row_of = [&](int row) -> T * {  // its row of out, nullptr past the sequence
         if (row >= valid_rows) return nullptr;
         return static_cast<T *>(p.out) + q_row_of(row) * p.out_row_stride + head_of(row) * p.out_head_stride;

@@ -245,8 +245,9 @@ __device__ __forceinline__ void load_query_mask_tile_async(const fdm_params &p, 
         const int chunk = threadIdx.x + it * Tile::kThreads;
         const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 16;
         const int packed = c.m0 + row, j = n * Tile::kBlockN + col;
-        const int i = divide(c.heads_per_cta, packed);
-        const int64_t g = c.g + remainder(c.heads_per_cta, packed, i);
+        const QuotRem qh = divmod(c.heads_per_cta, packed);
+        const int i = qh.quot;
+        const int64_t g = c.g + qh.rem;
         const int64_t left = p.max_seqlen_k - j;  // mask bytes of the row from j on
         const int bytes = i < c.seq.len_q && left > 0 ? static_cast<int>(min_i64(16, left)) : 0;
         const uint8_t *src = bytes > 0 ? mask + fdm_operand_offset(&p.mask, &c.seq, c.hk, g, i, j) : mask;

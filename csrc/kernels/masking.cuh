@@ -78,8 +78,9 @@ __device__ __forceinline__ RowInfo make_row_info(const MaskContext &c, int row0)
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
         const int packed = c.m0 + row0 + 8 * k;
-        r.i[k] = divide(c.heads_per_cta, packed);
-        r.g[k] = static_cast<int>(c.g) + remainder(c.heads_per_cta, packed, r.i[k]);
+        const QuotRem qh = divmod(c.heads_per_cta, packed);
+        r.i[k] = qh.quot;
+        r.g[k] = static_cast<int>(c.g) + qh.rem;
         r.ok[k] = r.i[k] < c.seq.len_q;
         const int64_t causal_last = fdm_causal_last_key(&c.seq, r.i[k]);
         r.last_key[k] = static_cast<int>(c.is_causal && causal_last < c.seq.len_k ? causal_last : c.seq.len_k - 1);

@@ -8,8 +8,8 @@ int main() {
     long long d, n;
     while (std::scanf("%lld %lld", &d, &n) == 2) {
         const fdm::Divisor x = fdm::make_divisor(static_cast<int>(d));
-        const int q = fdm::divide(x, static_cast<int>(n));
-        std::printf("%d %d\n", q, fdm::remainder(x, static_cast<int>(n), q));
+        const fdm::QuotRem qr = fdm::divmod(x, static_cast<int>(n));
+        std::printf("%d %d\n", qr.quot, qr.rem);
     }
     return 0;
 }
