@@ -75,8 +75,11 @@ struct WarpgroupMath {
         // S = Q K^T: (64, kBlockN) per warpgroup, kHeadDim / 16 MMAs of K = 16.
         float s[kNTiles][4];
         float(&s_flat)[kNTiles * 4] = reinterpret_cast<float(&)[kNTiles * 4]>(s);
-        const uint32_t q_rows = smem_addr(op.q_s) + warpgroup() * 64 * kSwizzleRowBytes;  // its rows of each block
-        const uint32_t k_tile = smem_addr(op.k_tile);
+        // Shared addresses of its rows of each block of Q and of the K tile, broadcast from lane 0
+        // (uniform_u32): the compiler then builds the MMAs' descriptors in uniform registers, four
+        // uniform instructions per MMA instead of ~14 in the lanes' registers and R2UR moves.
+        const uint32_t q_rows = uniform_u32(smem_addr(op.q_s) + warpgroup() * 64 * kSwizzleRowBytes);
+        const uint32_t k_tile = uniform_u32(smem_addr(op.k_tile));
         if (pingpong && warpgroup() == 1) named_barrier_sync(kStaggerBarrier, Tile::kThreads);
         wgmma_fence();
 #pragma unroll
@@ -100,7 +103,7 @@ struct WarpgroupMath {
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) p_fragment<T>(s, kk, a[kk]);
         float(&o_flat)[kDTiles * 4] = reinterpret_cast<float(&)[kDTiles * 4]>(acc_o);
-        const uint32_t v_tile = smem_addr(op.v_tile);
+        const uint32_t v_tile = uniform_u32(smem_addr(op.v_tile));
         fence_registers(o_flat);
         wgmma_fence();
 #pragma unroll

@@ -34,22 +34,33 @@ __device__ __forceinline__ int swizzled_offset(int row, int col) {
     return block * (kRows * kSwizzleCols) + row * kSwizzleCols + ((chunk ^ (row % 8)) * 8) + col % 8;
 }
 
-__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t leading_bytes) {
-    constexpr uint64_t kSwizzle128 = 1ull << 62;
-    constexpr uint64_t kAtomStride = static_cast<uint64_t>(kSwizzleAlign >> 4) << 32;
-    return static_cast<uint64_t>((addr & 0x3ffff) >> 4) | (static_cast<uint64_t>(leading_bytes >> 4) << 16) |
-           kAtomStride | kSwizzle128;
+// A descriptor is (kDescriptorHigh << 32) | low word; the low word holds the start address >> 4
+// (14 bits: shared addresses are below 2^18) and the leading byte offset >> 4. A step of the
+// start address inside a tile is a constant added to the low word of the tile's, so a tile's
+// descriptors cost one add each (the start field cannot overflow: every address stays inside
+// shared memory), not the mask, shift and or of a descriptor built from scratch per MMA.
+constexpr uint32_t kDescriptorHigh = (kSwizzleAlign >> 4) | (1u << 30);  // stride offset, 128-byte swizzle
+__device__ __forceinline__ uint32_t descriptor_low(uint32_t addr, uint32_t leading_bytes) {
+    return ((addr & 0x3ffff) >> 4) | ((leading_bytes >> 4) << 16);
+}
+__device__ __forceinline__ uint64_t descriptor(uint32_t low) {
+    return (static_cast<uint64_t>(kDescriptorHigh) << 32) | low;
 }
 // Step kk (16 columns) of a K-major (kRows, D) tile at shared address `tile`.
 template <int kRows>
 __device__ __forceinline__ uint64_t kmajor_descriptor(uint32_t tile, int kk) {
-    return smem_descriptor(tile + (kk / 4) * (kRows * kSwizzleRowBytes) + (kk % 4) * 32, 16);
+    return descriptor(descriptor_low(tile, 16) + ((kk / 4) * (kRows * kSwizzleRowBytes) + (kk % 4) * 32) / 16);
 }
 // Step kk (16 rows = keys) of an MN-major (kRows, D) tile at shared address `tile`.
 template <int kRows>
 __device__ __forceinline__ uint64_t mnmajor_descriptor(uint32_t tile, int kk) {
-    return smem_descriptor(tile + kk * 16 * kSwizzleRowBytes, kRows * kSwizzleRowBytes);
+    return descriptor(descriptor_low(tile, kRows * kSwizzleRowBytes) + kk * 16 * kSwizzleRowBytes / 16);
 }
+
+// x, which must be the same in every lane of the warp, broadcast from lane 0: the compiler cannot
+// tell that a value computed from threadIdx is warp-uniform, and a shuffle's result it knows is,
+// so what is derived from it can live in uniform registers (which wgmma's descriptors are read from).
+__device__ __forceinline__ uint32_t uniform_u32(uint32_t x) { return __shfl_sync(0xffffffffu, x, 0); }
 
 // Orders this warpgroup's register accesses before the wgmmas that follow (wgmma.fence).
 __device__ __forceinline__ void wgmma_fence() {
