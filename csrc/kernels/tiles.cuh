@@ -250,7 +250,7 @@ __device__ __forceinline__ void load_kv_rows_async(T *k_tile, T *v_tile, const T
 template <class Tile>
 constexpr bool kRangeCopy = Tile::kThreads % Tile::kChunksPerRow == 0 &&
                             Tile::kBlockN % (Tile::kThreads / Tile::kChunksPerRow) == 0 &&
-                            !(Tile::kWarps == 8 && Tile::kHeadDim == 128);
+                            !(Tile::kWarps == 8 && Tile::kHeadDim == 128 && Tile::kBlockN == 128);
 
 // Copies the K and V rows of one key tile whose keys are consecutive rows: key column r reads
 // rows k_row0 + r * k_row_stride and v_row0 + r * v_row_stride for r < valid_rows (the rest are
