@@ -165,6 +165,10 @@ struct TileBitmap {
     __device__ __forceinline__ int next(int n, int n_stop) const {
         while (n < n_stop) {
             uint32_t word = 0;
+            // (Loops over the mask heads stay rolled: unrolled, they were 1400 of the query-mask
+            // kernel's 9400 SASS instructions, and instruction-cache misses were 6.7% of prefill-d's
+            // stall samples; heads is 1 but for packed rows of per-head masks.)
+#pragma unroll 1
             for (int h = 0; h < heads; ++h) word |= words[h * head_step + n / 32];
             word >>= n % 32;
             if (word != 0) return min(n + __ffs(word) - 1, n_stop);
@@ -176,6 +180,7 @@ struct TileBitmap {
     // Whether tile n is full: its mask need not be copied or tested.
     __device__ __forceinline__ bool full(int n) const {
         uint32_t word = 0xffffffffu;
+#pragma unroll 1
         for (int h = 0; h < heads; ++h) word &= full_words[h * head_step + n / 32];
         return (word >> (n % 32)) & 1u;
     }
