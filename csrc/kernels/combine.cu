@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(32 * kCombineWarps)
     wait_for_prior_grid();  // the forward's partials (launched programmatically on compute capability 9.0+)
     const int64_t q_row = pair / p.num_heads, h = pair % p.num_heads;
     const int64_t head_dim = p.head_dim;
-    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    const WorkspaceLayout &w = plan.ws;
     const unsigned char *base = static_cast<const unsigned char *>(p.workspace);
     const float *o_partial = reinterpret_cast<const float *>(base + w.o_partial);      // (splits, total_q, H, D)
     const float *lse_partial = reinterpret_cast<const float *>(base + w.lse_partial);  // (splits, H, total_q)

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     int m_block;
     if (plan.row_schedule) {
         wait_for_prior_grid();
-        const WorkspaceLayout w = workspace_layout(&p, &plan);
+        const WorkspaceLayout &w = plan.ws;
         const int4 slot = reinterpret_cast<const int4 *>(static_cast<const unsigned char *>(p.workspace) + w.schedule)[idx];
         if (slot.x < 0) return;
         b = slot.x;
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     // out = O / l, lse = ln l + m; rows past the sequence are not written. With split-KV this
     // CTA's partial goes to the workspace: o_partial (splits, total_q, H, D), lse_partial (splits, H, total_q).
     math.finalize();
-    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    const WorkspaceLayout &w = plan.ws;
     float *o_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.o_partial);
     float *lse_partial = reinterpret_cast<float *>(static_cast<unsigned char *>(p.workspace) + w.lse_partial);
     // Row `row` of the block: query q_start + q, head h0 + h, with q = (m0 + row) / P, h = (m0 + row) % P.

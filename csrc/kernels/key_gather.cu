@@ -84,7 +84,7 @@ int run_gather_keys(const fdm_params &p, const FwdPlan &plan, cudaStream_t strea
     const int64_t blocks = heads * p.batch * plan.max_chunks;
     if (blocks == 0) return FDM_OK;
     if (blocks > 0x7fffffffLL) return FDM_ERR_GRID;
-    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    const WorkspaceLayout &w = plan.ws;
     unsigned char *base = static_cast<unsigned char *>(p.workspace);
     gather_keys_kernel<<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
         p, plan, reinterpret_cast<int32_t *>(base + w.keys), reinterpret_cast<int32_t *>(base + w.counts));

@@ -55,7 +55,7 @@ struct GatheredKeys {
     const int32_t *counts;  // (max_chunks,): visible keys per chunk
 
     __device__ static GatheredKeys of(const fdm_params &p, const FwdPlan &plan, const MaskContext &c) {
-        const WorkspaceLayout w = workspace_layout(&p, &plan);
+        const WorkspaceLayout &w = plan.ws;
         const unsigned char *base = static_cast<const unsigned char *>(p.workspace);
         const int64_t head = gather_list_head(&p, c.hk, c.g);
         GatheredKeys g;
@@ -148,7 +148,7 @@ struct TileBitmap {
                                  // per head, else 1
 
     __device__ static TileBitmap of(const fdm_params &p, const FwdPlan &plan, const MaskContext &c, int m_block) {
-        const WorkspaceLayout w = workspace_layout(&p, &plan);
+        const WorkspaceLayout &w = plan.ws;
         const unsigned char *workspace = static_cast<const unsigned char *>(p.workspace);
         const int64_t head = gather_list_head(&p, c.hk, c.g);
         TileBitmap t;

@@ -49,6 +49,26 @@ constexpr int kScheduleMaxBatch = 256; // sequences a row schedule serves at mos
 // warpgroups, wgmma, sm_90a only).
 enum class FwdLayout { kRows, kKeys, kWarpgroups };
 
+// The workspace, in bytes from its start (every part 16-byte aligned):
+//   o_partial   (num_splits, total_q, H, D) float     split-KV partial outputs   } num_splits > 1
+//   lse_partial (num_splits, H, total_q) float        their log-sum-exps         }
+//   keys        (list heads, total_k) int32           gathered keys: the visible local key indices
+//                                                     of each chunk, ascending, from the chunk's
+//                                                     first row (k_start + ch * gather_chunk)
+//   counts      (list heads, B, max_chunks) int32     visible keys per chunk
+//   tile_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
+//                                                     query-based mask: bit n of a row block's words
+//                                                     = key tile n holds a visible pair of its rows
+//   full_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
+//                                                     and bit n here = the mask keeps every pair of
+//                                                     tile n within the rows' length and causal limits
+//   schedule    (grid_row_blocks * head blocks) int4  row schedule: {b, m_block, head_block, 0} of
+//                                                     each CTA (less its split), b = -1: none
+struct WorkspaceLayout {
+    size_t o_partial, lse_partial, keys, counts, tile_bits, full_bits, schedule, total;
+};
+
+
 // Divisors (divisor.h) of the forward's index math, fixed per launch: the CTA index's factors and
 // the packed rows' heads.
 struct PlanDivisors {
@@ -86,7 +106,48 @@ struct FwdPlan {
     int grid_row_blocks;    // row blocks per head block in the grid: B * num_m_blocks, or with a
                             // row schedule the most the batch can have
     PlanDivisors div;       // (set last by make_plan, from the fields above)
+    WorkspaceLayout ws;     // workspace_layout(p, this), set last by make_plan: the kernels read
+                            // their parts' offsets here instead of recomputing them
 };
+
+// Gathered key lists and tile bitmaps are kept per distinct mask head: h' = H gives one list per query head,
+// h' = H_k one per KV head, h' = 1 one in all (the mask's zero strides say which).
+// (The group size in 32-bit arithmetic: the binding refuses 2^31 heads or more.)
+FDM_HOST_DEVICE int64_t gather_kv_heads(const fdm_params *p) { return p->mask.stride_kv_head != 0 ? p->num_heads_k : 1; }
+FDM_HOST_DEVICE int64_t gather_group_heads(const fdm_params *p) {
+    return p->mask.stride_group != 0 ? static_cast<int32_t>(p->num_heads) / static_cast<int32_t>(p->num_heads_k) : 1;
+}
+FDM_HOST_DEVICE int64_t gather_list_head(const fdm_params *p, int64_t hk, int64_t g) {
+    return (gather_kv_heads(p) > 1 ? hk : 0) * gather_group_heads(p) + (gather_group_heads(p) > 1 ? g : 0);
+}
+
+FDM_HOST_DEVICE size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+FDM_HOST_DEVICE WorkspaceLayout workspace_layout(const fdm_params *p, const FwdPlan *plan) {
+    WorkspaceLayout w;
+    size_t at = 0;
+    const size_t split_rows = plan->num_splits > 1 ? static_cast<size_t>(plan->num_splits) * p->total_q * p->num_heads : 0;
+    w.o_partial = at;
+    at += align16(split_rows * p->head_dim * sizeof(float));
+    w.lse_partial = at;
+    at += align16(split_rows * sizeof(float));
+    const size_t list_heads = plan->gather ? static_cast<size_t>(gather_kv_heads(p) * gather_group_heads(p)) : 0;
+    w.keys = at;
+    at += align16(list_heads * p->total_k * sizeof(int32_t));
+    w.counts = at;
+    at += align16(list_heads * p->batch * plan->max_chunks * sizeof(int32_t));
+    const size_t bitmap_heads = plan->tile_bitmap ? static_cast<size_t>(gather_kv_heads(p) * gather_group_heads(p)) : 0;
+    const size_t bitmap_bytes = align16(bitmap_heads * p->batch * plan->num_m_blocks * plan->bitmap_words * sizeof(uint32_t));
+    w.tile_bits = at;
+    at += bitmap_bytes;
+    w.full_bits = at;
+    at += bitmap_bytes;
+    w.schedule = at;
+    if (plan->row_schedule)
+        at += static_cast<size_t>(plan->grid_row_blocks) * (p->num_heads / plan->heads_per_cta) * 4 * sizeof(int32_t);
+    w.total = at;
+    return w;
+}
 
 // Packed GQA needs every key-based operand to be the same for the heads of a group (h' != H).
 inline bool heads_share_key_operands(const fdm_params &p) {
@@ -249,64 +310,8 @@ inline FwdPlan make_plan(const fdm_params &p, int block_m, int block_n, int num_
     plan.div.batch = make_divisor(static_cast<int>(p.batch));
     plan.div.m_blocks = make_divisor(plan.num_m_blocks);
     plan.div.group = make_divisor(static_cast<int>(p.num_heads / p.num_heads_k));
+    plan.ws = workspace_layout(&p, &plan);
     return plan;
-}
-
-// Gathered key lists and tile bitmaps are kept per distinct mask head: h' = H gives one list per query head,
-// h' = H_k one per KV head, h' = 1 one in all (the mask's zero strides say which).
-FDM_HOST_DEVICE int64_t gather_kv_heads(const fdm_params *p) { return p->mask.stride_kv_head != 0 ? p->num_heads_k : 1; }
-FDM_HOST_DEVICE int64_t gather_group_heads(const fdm_params *p) {
-    return p->mask.stride_group != 0 ? p->num_heads / p->num_heads_k : 1;
-}
-FDM_HOST_DEVICE int64_t gather_list_head(const fdm_params *p, int64_t hk, int64_t g) {
-    return (gather_kv_heads(p) > 1 ? hk : 0) * gather_group_heads(p) + (gather_group_heads(p) > 1 ? g : 0);
-}
-
-// The workspace, in bytes from its start (every part 16-byte aligned):
-//   o_partial   (num_splits, total_q, H, D) float     split-KV partial outputs   } num_splits > 1
-//   lse_partial (num_splits, H, total_q) float        their log-sum-exps         }
-//   keys        (list heads, total_k) int32           gathered keys: the visible local key indices
-//                                                     of each chunk, ascending, from the chunk's
-//                                                     first row (k_start + ch * gather_chunk)
-//   counts      (list heads, B, max_chunks) int32     visible keys per chunk
-//   tile_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
-//                                                     query-based mask: bit n of a row block's words
-//                                                     = key tile n holds a visible pair of its rows
-//   full_bits   (list heads, B, num_m_blocks, bitmap_words) uint32
-//                                                     and bit n here = the mask keeps every pair of
-//                                                     tile n within the rows' length and causal limits
-//   schedule    (grid_row_blocks * head blocks) int4  row schedule: {b, m_block, head_block, 0} of
-//                                                     each CTA (less its split), b = -1: none
-struct WorkspaceLayout {
-    size_t o_partial, lse_partial, keys, counts, tile_bits, full_bits, schedule, total;
-};
-
-FDM_HOST_DEVICE size_t align16(size_t n) { return (n + 15) / 16 * 16; }
-
-FDM_HOST_DEVICE WorkspaceLayout workspace_layout(const fdm_params *p, const FwdPlan *plan) {
-    WorkspaceLayout w;
-    size_t at = 0;
-    const size_t split_rows = plan->num_splits > 1 ? static_cast<size_t>(plan->num_splits) * p->total_q * p->num_heads : 0;
-    w.o_partial = at;
-    at += align16(split_rows * p->head_dim * sizeof(float));
-    w.lse_partial = at;
-    at += align16(split_rows * sizeof(float));
-    const size_t list_heads = plan->gather ? static_cast<size_t>(gather_kv_heads(p) * gather_group_heads(p)) : 0;
-    w.keys = at;
-    at += align16(list_heads * p->total_k * sizeof(int32_t));
-    w.counts = at;
-    at += align16(list_heads * p->batch * plan->max_chunks * sizeof(int32_t));
-    const size_t bitmap_heads = plan->tile_bitmap ? static_cast<size_t>(gather_kv_heads(p) * gather_group_heads(p)) : 0;
-    const size_t bitmap_bytes = align16(bitmap_heads * p->batch * plan->num_m_blocks * plan->bitmap_words * sizeof(uint32_t));
-    w.tile_bits = at;
-    at += bitmap_bytes;
-    w.full_bits = at;
-    at += bitmap_bytes;
-    w.schedule = at;
-    if (plan->row_schedule)
-        at += static_cast<size_t>(plan->grid_row_blocks) * (p->num_heads / plan->heads_per_cta) * 4 * sizeof(int32_t);
-    w.total = at;
-    return w;
 }
 
 }  // namespace fdm

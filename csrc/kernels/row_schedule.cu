@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kScheduleThreads)
 }
 
 int run_row_schedule(const fdm_params &p, const FwdPlan &plan, cudaStream_t stream) {
-    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    const WorkspaceLayout &w = plan.ws;
     row_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(
         p, plan, reinterpret_cast<int4 *>(static_cast<unsigned char *>(p.workspace) + w.schedule));
     return cudaPeekAtLastError() == cudaSuccess ? FDM_OK : FDM_ERR_CUDA;

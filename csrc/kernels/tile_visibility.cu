@@ -160,7 +160,7 @@ int run_tile_visibility(const fdm_params &p, const FwdPlan &plan, cudaStream_t s
     const int64_t blocks = words;
     if (blocks == 0) return FDM_OK;
     if (blocks > 0x7fffffffLL) return FDM_ERR_GRID;
-    const WorkspaceLayout w = workspace_layout(&p, &plan);
+    const WorkspaceLayout &w = plan.ws;
     unsigned char *workspace = static_cast<unsigned char *>(p.workspace);
     uint32_t *tile_bits = reinterpret_cast<uint32_t *>(workspace + w.tile_bits);
     uint32_t *full_bits = reinterpret_cast<uint32_t *>(workspace + w.full_bits);
