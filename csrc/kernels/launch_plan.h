@@ -68,7 +68,6 @@ struct WorkspaceLayout {
     size_t o_partial, lse_partial, keys, counts, tile_bits, full_bits, schedule, total;
 };
 
-
 // Divisors (divisor.h) of the forward's index math, fixed per launch: the CTA index's factors and
 // the packed rows' heads.
 struct PlanDivisors {
