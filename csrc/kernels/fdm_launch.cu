@@ -138,8 +138,7 @@ int forward(const fdm_params &p, cudaStream_t stream) {
 
 extern "C" size_t fdm_cuda_workspace_size(const fdm_params *p) {
     if (fdm::tile_head_dim(p->head_dim) == 0) return 0;
-    const fdm::FwdPlan plan = plan_for(*p);
-    return fdm::workspace_layout(p, &plan).total;
+    return plan_for(*p).ws.total;
 }
 
 extern "C" int fdm_cuda_forward(const fdm_params *p, cudaStream_t stream) {

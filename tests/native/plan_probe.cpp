@@ -45,7 +45,7 @@ int main() {
         const fdm::FwdPlan plan = fdm::make_plan(p, (int)block_m, (int)block_n, (int)sms, (int)ctas_per_sm, warpgroups);
         const int rows_first = fdm::use_rows_first(p, plan, 50LL << 20) ? 1 : 0;
         std::printf("%d %d %d %d %d %zu %d %d %d %d %d\n", plan.heads_per_cta, plan.num_m_blocks, plan.num_splits,
-                    plan.tiles_per_split, plan.gather, fdm::workspace_layout(&p, &plan).total, plan.key_split,
+                    plan.tiles_per_split, plan.gather, plan.ws.total, plan.key_split,
                     rows_first, plan.warpgroups, plan.row_schedule, plan.grid_row_blocks);
     }
     return 0;
