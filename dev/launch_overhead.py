@@ -33,7 +33,8 @@ def host_us(fn, n=2000):
     return (t1 - t0) / n * 1e6
 
 
-def graph_us(fn, n=50):
+def captured(fn, n=1):
+    """A CUDA graph of n back-to-back calls of fn (captured after 3 warm-up calls on a side stream)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -44,6 +45,11 @@ def graph_us(fn, n=50):
     with torch.cuda.graph(graph):
         for _ in range(n):
             fn()
+    return graph
+
+
+def graph_us(fn, n=50):
+    graph = captured(fn, n)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

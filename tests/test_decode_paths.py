@@ -536,6 +536,33 @@ def test_warp_layouts(monkeypatch, device, dtype, head_dim, heads, layout):
         assert_empty_key_sequences_hidden(batch, out, lse)
 
 
+# Query heads per KV head for the key split's block sizes: G = 1, 2, 4, 8.
+KEY_SPLIT_GROUPS = {"g1": (8, 8), "g2": (16, 8), "g4": (32, 8), "g8": (8, 1)}
+
+
+@pytest.mark.parametrize("operands", list(OPERANDS))
+@CAUSAL
+@pytest.mark.parametrize("heads", list(KEY_SPLIT_GROUPS))
+@pytest.mark.parametrize("device,dtype,head_dim", per_device(cpu=[], cuda=[(d,) for d in (64, 96, 128)],
+                                                             ids=lambda d: f"d{d}"))
+def test_key_split_block_sizes(monkeypatch, device, dtype, head_dim, heads, causal, operands):
+    """Key-split blocks of every size class in one launch: with packed GQA a block holds queries x G
+    rows, and the query counts put blocks of 8 and 9-16 rows (one 16-row tile, four warps per
+    tile) beside blocks of 16 and 17-32 rows (two row tiles, two warps each); with key_per_head
+    operands (no packing) the blocks hold 1-17 rows. Key lengths on no tile boundary, one inside
+    the first 16-key slice, an empty one; the heuristic's split count (non-causal) or 3 forced
+    splits (causal: partials merged by the combine)."""
+    num_heads, num_heads_k = KEY_SPLIT_GROUPS[heads]
+    group = num_heads // num_heads_k
+    eight, sixteen = max(1, 8 // group), 16 // group  # queries that make blocks of 8 and 16 rows
+    seqlens = [(1, 777), (eight, 3001), (eight + 1, 130), (2, 70), (1, 5), (eight + 1, 0), (sixteen, 200),
+               (sixteen + 1, 1000), (3, 1)]
+    use_paths(monkeypatch, key_split=1, splits=3 if causal else None)
+    batch = make_batch(seqlens, num_heads, num_heads_k, head_dim, dtype, device)
+    out, lse = run_and_check(batch, is_causal=causal, **make_operands(batch, operands))
+    assert_empty_key_sequences_hidden(batch, out, lse)
+
+
 # Prefill-shaped operands of the warpgroup layout: key-based mask and bias staged per tile, a
 # query-based bias read per element, and none.
 PREFILL_OPERANDS = {
