@@ -94,8 +94,8 @@ def kernel_times(inp, calls=20):
 
 
 def timeline(inp, calls=5):
-    """Per kernel of a call issued right after an L2 flush (as the benchmark times it): mean start
-    and end in us from the end of the flush kernel, and the name."""
+    """Per kernel of a call issued right after an L2 flush (each call synchronized): mean start and
+    end in us from the end of the flush kernel, and the name."""
     import json
     import tempfile
 
@@ -110,7 +110,8 @@ def timeline(inp, calls=5):
             torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        with open(f.name) as trace:
+            events = json.load(trace)["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     rows, t0 = {}, None
     for e in kernels:

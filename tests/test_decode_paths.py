@@ -547,9 +547,9 @@ KEY_SPLIT_GROUPS = {"g1": (8, 8), "g2": (16, 8), "g4": (32, 8), "g8": (8, 1)}
                                                              ids=lambda d: f"d{d}"))
 def test_key_split_block_sizes(monkeypatch, device, dtype, head_dim, heads, causal, operands):
     """Key-split blocks of every size class in one launch: with packed GQA a block holds queries x G
-    rows, and the query counts put blocks of 8 and 9-16 rows (one 16-row tile, four warps per
-    tile) beside blocks of 16 and 17-32 rows (two row tiles, two warps each); with key_per_head
-    operands (no packing) the blocks hold 1-17 rows. Key lengths on no tile boundary, one inside
+    rows, and the query counts put blocks of 8, 9-16 and 16 rows (one 16-row tile, four warps on
+    it) beside blocks of 17-32 rows (two row tiles, two warps each); with key_per_head operands
+    (no packing) the blocks hold 1-17 rows. Key lengths on no tile boundary, one inside
     the first 16-key slice, an empty one; the heuristic's split count (non-causal) or 3 forced
     splits (causal: partials merged by the combine)."""
     num_heads, num_heads_k = KEY_SPLIT_GROUPS[heads]
