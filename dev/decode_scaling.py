@@ -125,6 +125,17 @@ def timeline(inp, calls=5):
     return sorted(((a / n, b / n, name) for name, (a, b, n) in rows.items()), key=lambda r: r[0])
 
 
+def print_kernels(title, inp):
+    print(f"  kernels of one call, {title} (us, launches per call):")
+    for us, count, name in kernel_times(inp)[:6]:
+        print(f"    {us:8.1f}  x{count:.0f}  {name[:90]}")
+
+
+def names(arg):
+    """The comma-separated entries of an option ('' for none)."""
+    return [x for x in arg.split(",") if x]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default="c,d")
@@ -136,13 +147,17 @@ def main():
     args = ap.parse_args()
     timer = bench_varlen.Timer("cuda", quick=True)
     bandwidth = bench_varlen.measure_floors(timer)["bandwidth"]
+
+    def of_floor(nbytes, ms):  # the byte floor's time as a share of ms
+        return f"{nbytes / bandwidth * 1e3 / ms:.0%}"
+
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     by_name = {c.name: c for c in shapes.cuda_decode_cases()}
     summary = []
-    for family in filter(None, args.families.split(",")):
+    for family in names(args.families):
         case_name, lengths = FAMILIES[family]
         base = by_name[case_name]
-        for variant in args.variants.split(","):
+        for variant in names(args.variants):
             env, fields = VARIANTS[variant]
             points, longest = [], None
             for lk in lengths:
@@ -150,25 +165,21 @@ def main():
                 nbytes, ms, inp = timed(case, env, timer, graph=variant == "graph")
                 points.append((nbytes, ms))
                 print(f"  {case_name} {variant:8s} Lk={lk:6d}: {ms:.4f} ms, {nbytes / 1e6:8.1f} MB, "
-                      f"{nbytes / bandwidth * 1e3 / ms:.0%} of the byte floor")
+                      f"{of_floor(nbytes, ms)} of the byte floor")
                 longest = inp
             fixed_us, rate = fit(points)
             summary.append((case_name, variant, fixed_us, rate / bandwidth, points[-1]))
             if variant == "bench":
-                print(f"  kernels of one call, {case_name} Lk={lengths[-1]} (us, launches per call):")
-                for us, count, name in kernel_times(longest)[:6]:
-                    print(f"    {us:8.1f}  x{count:.0f}  {name[:90]}")
-    for case_name in filter(None, args.kernels.split(",")):
+                print_kernels(f"{case_name} Lk={lengths[-1]}", longest)
+    for case_name in names(args.kernels):
         _, ms, inp = timed(by_name[case_name], {}, timer)
-        print(f"  kernels of one call, {case_name} ({ms:.4f} ms a call):")
-        for us, count, name in kernel_times(inp)[:6]:
-            print(f"    {us:8.1f}  x{count:.0f}  {name[:90]}")
-    for case_name in filter(None, args.timeline.split(",")):
+        print_kernels(f"{case_name}, {ms:.4f} ms a call", inp)
+    for case_name in names(args.timeline):
         _, ms, inp = timed(by_name[case_name], {}, timer)
         print(f"  timeline of {case_name} ({ms:.4f} ms a call), us from the end of the L2 flush:")
         for start, end, name in timeline(inp):
             print(f"    {start:8.1f} -> {end:8.1f}  {name[:80]}")
-    for case_name in filter(None, args.orders.split(",")):
+    for case_name in names(args.orders):
         case = by_name[case_name]
         pairs = list(zip(case.seqlens_q, case.seqlens_k))
         orders = (("as is", pairs), ("longest first", sorted(pairs, key=lambda x: -x[1])),
@@ -177,19 +188,18 @@ def main():
             variant = dataclasses.replace(case, seqlens_q=tuple(q for q, _ in seqs),
                                           seqlens_k=tuple(k for _, k in seqs))
             nbytes, ms, _ = timed(variant, {}, timer)
-            print(f"  {case_name}, sequences {order}: {ms:.4f} ms, "
-                  f"{nbytes / bandwidth * 1e3 / ms:.0%} of the byte floor")
+            print(f"  {case_name}, sequences {order}: {ms:.4f} ms, {of_floor(nbytes, ms)} of the byte floor")
     base = by_name["decode-a"]
-    for lq in [int(x) for x in filter(None, args.rows.split(","))]:
+    for lq in [int(x) for x in names(args.rows)]:
         case = dataclasses.replace(base, seqlens_q=(lq,) * base.batch)
         nbytes, ms, _ = timed(case, {}, timer)
         print(f"  decode-a keys, {lq} queries per sequence ({4 * lq} rows a block): {ms:.4f} ms, "
-              f"{nbytes / bandwidth * 1e3 / ms:.0%} of the byte floor")
+              f"{of_floor(nbytes, ms)} of the byte floor")
     print("\n| shape family | variant | fixed us | stream rate (% of copy) | longest: ms (% of floor) |")
     print("|---|---|---|---|---|")
     for case_name, variant, fixed_us, rel_rate, (nbytes, ms) in summary:
         print(f"| {case_name} | {variant} | {fixed_us:.1f} | {rel_rate:.0%} | "
-              f"{ms:.3f} ({nbytes / bandwidth * 1e3 / ms:.0%}) |")
+              f"{ms:.3f} ({of_floor(nbytes, ms)}) |")
 
 
 if __name__ == "__main__":
