@@ -28,7 +28,7 @@ def want_cuda() -> bool:
 
 
 def extension():
-    sources = ["csrc/binding.cpp", "csrc/cpu/fdm_cpu.c"]
+    sources = ["csrc/binding.cpp", "csrc/autograd.cpp", "csrc/cpu/fdm_cpu.c"]
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++17 or C++20)
     if not want_cuda():
         return cpp_extension.CppExtension("flash_dmattn._C", sources, extra_compile_args={"cxx": cxx_flags})

@@ -9,7 +9,6 @@ import torch  # noqa: F401  (loads libc10 / libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (loads the library, which registers torch.ops.flash_dmattn)
 from . import _fake  # noqa: F401  (the fake implementation for torch.compile)
-from . import _autograd  # noqa: F401  (a backward that refuses instead of wrong gradients)
 from .dense import (flash_dmattn_func, flash_dmattn_kvpacked_func, flash_dmattn_qkvpacked_func,
                     flash_dmattn_varlen_kvpacked_func, flash_dmattn_varlen_qkvpacked_func)
 from .varlen import cuda_kernels_available, flash_dmattn_varlen_func

@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <mutex>
+
 #include "fdm_cuda.h"
 #include "fwd_launch.h"
 #include "launch_plan.h"
@@ -14,11 +16,36 @@
 
 namespace {
 
-int device_attribute(cudaDeviceAttr attr) {
-    int device = 0, value = 0;
-    if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess)
-        return 0;  // unknown: the plan then never splits (SMs) and orders CTAs sequences first (L2)
-    return value;
+// What the plan needs to know of the current device. Queried once per device: each attribute
+// query costs host time, and a call used to make nine of them.
+struct DeviceFacts {
+    int sms = 0;       // streaming multiprocessors (0 = unknown: the plan then never splits)
+    int l2_bytes = 0;  // L2 cache size (0 = unknown: CTAs are ordered sequences first)
+    int cc_major = 0;  // compute capability, major.minor
+    int cc_minor = 0;
+};
+
+DeviceFacts query_device_facts(int device) {
+    DeviceFacts f;
+    const auto get = [device](cudaDeviceAttr attr) {
+        int value = 0;
+        return cudaDeviceGetAttribute(&value, attr, device) == cudaSuccess ? value : 0;
+    };
+    f.sms = get(cudaDevAttrMultiProcessorCount);
+    f.l2_bytes = get(cudaDevAttrL2CacheSize);
+    f.cc_major = get(cudaDevAttrComputeCapabilityMajor);
+    f.cc_minor = get(cudaDevAttrComputeCapabilityMinor);
+    return f;
+}
+
+DeviceFacts device_facts() {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return {};
+    if (device >= fdm::kMaxDevices) return query_device_facts(device);
+    static DeviceFacts facts[fdm::kMaxDevices];
+    static std::once_flag queried[fdm::kMaxDevices];
+    std::call_once(queried[device], [device] { facts[device] = query_device_facts(device); });
+    return facts[device];
 }
 
 // Row block, key tile and resident CTAs per SM of the instantiation for (tile head dim, layout,
@@ -57,11 +84,11 @@ FwdShape fwd_shape(int tile_head_dim, fdm::FwdLayout layout, bool staged_mask) {
 
 // The warpgroup layout's kernels are real code only in a build for sm_90a (setup.py defines
 // FDM_WITH_SM90A then), and that code runs on compute capability 9.0 alone.
-bool warpgroups_available() {
+bool warpgroups_available(const DeviceFacts &device) {
 #ifdef FDM_WITH_SM90A
-    return device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
-           device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
+    return device.cc_major == 9 && device.cc_minor == 0;
 #else
+    (void)device;
     return false;
 #endif
 }
@@ -69,17 +96,17 @@ bool warpgroups_available() {
 // The key-split choice (blocks of at most kKeySplitRows rows) is the same for every row block of
 // 16 rows or more; it is made with the key-split instantiation's block, which it then uses. The
 // warpgroup layout replaces the row split where it is available (launch_plan.h, use_warpgroups).
-fdm::FwdPlan plan_for(const fdm_params &p) {
+fdm::FwdPlan plan_for(const fdm_params &p, const DeviceFacts &device) {
     const int tile_head_dim = fdm::tile_head_dim(p.head_dim);
     const bool key_split = fdm::use_key_split(p, fdm::fwd_block_m(tile_head_dim, true, false));
     const bool warpgroups = fdm::use_warpgroups(p, key_split, fdm::is_warpgroup_head_dim(tile_head_dim),
-                                                warpgroups_available());
+                                                warpgroups_available(device));
     const fdm::FwdLayout layout = warpgroups ? fdm::FwdLayout::kWarpgroups
                                              : key_split ? fdm::FwdLayout::kKeys : fdm::FwdLayout::kRows;
     const FwdShape shape = fwd_shape(tile_head_dim, layout, fdm::use_staged_query_mask(p));
-    fdm::FwdPlan plan = fdm::make_plan(p, shape.block_m, shape.block_n, device_attribute(cudaDevAttrMultiProcessorCount),
-                                       shape.ctas_per_sm, warpgroups);
-    plan.rows_first = fdm::use_rows_first(p, plan, device_attribute(cudaDevAttrL2CacheSize)) ? 1 : 0;
+    fdm::FwdPlan plan = fdm::make_plan(p, shape.block_m, shape.block_n, device.sms, shape.ctas_per_sm,
+                                       warpgroups);
+    plan.rows_first = fdm::use_rows_first(p, plan, device.l2_bytes) ? 1 : 0;
     return plan;
 }
 
@@ -100,10 +127,11 @@ int run_layout(const fdm_params &p, const fdm::FwdPlan &plan, cudaStream_t strea
 
 template <class T>
 int forward(const fdm_params &p, cudaStream_t stream) {
-    fdm::FwdPlan plan = plan_for(p);
+    const DeviceFacts device = device_facts();
+    fdm::FwdPlan plan = plan_for(p, device);
     // On compute capability 9.0+ a kernel that follows one of this call's kernels is launched
     // programmatically (pdl.cuh): scheduled during the tail of the one before, not after it.
-    const bool programmatic = device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
+    const bool programmatic = device.cc_major >= 9;
     if ((plan.num_splits > 1 || plan.gather || plan.tile_bitmap || plan.row_schedule) && p.workspace == nullptr)
         return FDM_ERR_WORKSPACE;
     if (plan.row_schedule) {
@@ -138,7 +166,7 @@ int forward(const fdm_params &p, cudaStream_t stream) {
 
 extern "C" size_t fdm_cuda_workspace_size(const fdm_params *p) {
     if (fdm::tile_head_dim(p->head_dim) == 0) return 0;
-    return plan_for(*p).ws.total;
+    return plan_for(*p, device_facts()).ws.total;
 }
 
 extern "C" int fdm_cuda_forward(const fdm_params *p, cudaStream_t stream) {
