@@ -22,6 +22,23 @@ constexpr int kMaxKeysPerThread = 16;  // consecutive keys of one thread: C / kG
 static_assert(gather_chunk(128) <= kMaxKeysPerThread * kGatherThreads && gather_chunk(32) % kGatherThreads == 0,
               "every chunk is whole keys per thread, at most kMaxKeysPerThread");
 
+// Bit e: key e of a thread's run of `count` keys (mask element offset + e * stride_k) is visible.
+// Every load is issued before any is tested: with a load on each key's dtype branch, tested at
+// once (mask_keeps), each load waited for the one before, ~0.5 us a key within a decode call
+// (CTAs of 4 keys a thread took ~4 us, of 32 keys 17.6 us: docs/notes.md version 36).
+template <class Storage>
+__device__ __forceinline__ uint32_t keep_bits(const fdm_operand &m, int64_t offset, int count) {
+    const Storage *mask = static_cast<const Storage *>(m.ptr) + offset;
+    uint32_t bits[kMaxKeysPerThread];
+#pragma unroll
+    for (int e = 0; e < kMaxKeysPerThread; ++e) bits[e] = e < count ? mask[e * m.stride_k] : 0u;
+    uint32_t keep = 0;
+#pragma unroll
+    for (int e = 0; e < kMaxKeysPerThread; ++e)
+        if (e < count && mask_keeps_bits(m, bits[e])) keep |= 1u << e;
+    return keep;
+}
+
 __global__ void __launch_bounds__(kGatherThreads)
     gather_keys_kernel(const __grid_constant__ fdm_params p, const FwdPlan plan, int32_t *keys, int32_t *counts) {
     let_dependents_launch();  // the forward may be scheduled now; it waits for this pass to finish
@@ -41,12 +58,16 @@ __global__ void __launch_bounds__(kGatherThreads)
 
     // keep bit e: key j = first + e is visible.
     const int first = chunk_start + threadIdx.x * keys_per_thread;
+    const int my_keys = static_cast<int>(min_i64(keys_per_thread, seq.len_k - first));
     uint32_t keep = 0;
-#pragma unroll
-    for (int e = 0; e < kMaxKeysPerThread; ++e) {
-        const int j = first + e;
-        if (e < keys_per_thread && j < seq.len_k && mask_keeps(p.mask, fdm_operand_offset(&p.mask, &seq, hk, g, 0, j)))
-            keep |= 1u << e;
+    if (my_keys > 0) {
+        const int64_t offset = fdm_operand_offset(&p.mask, &seq, hk, g, 0, first);
+        switch (p.mask.dtype) {
+            case FDM_BYTE: keep = keep_bits<uint8_t>(p.mask, offset, my_keys); break;
+            case FDM_F16:
+            case FDM_BF16: keep = keep_bits<uint16_t>(p.mask, offset, my_keys); break;
+            default: keep = keep_bits<uint32_t>(p.mask, offset, my_keys); break;
+        }
     }
 
     // Exclusive prefix sum of the per-thread counts over the CTA: within the warp by shuffles,
