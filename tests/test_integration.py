@@ -133,3 +133,31 @@ def test_backward_refuses_instead_of_returning_wrong_gradients():
     dense = flash_dmattn.flash_dmattn_func(q.view(1, 6, 4, 16), k.view(1, 9, 2, 16), v.view(1, 9, 2, 16))
     with pytest.raises(NotImplementedError, match="backward"):
         dense.sum().backward()
+
+
+def test_autograd_node_only_where_a_gradient_is_asked():
+    """The C++ Autograd kernel: no graph node when no input requires grad (nor under inference
+    mode); with one that does (q, or only the bias), out gets a node whose backward refuses, and
+    lse never has a gradient."""
+    op = torch.ops.flash_dmattn.mha_varlen_fwd
+    q, k, v = torch.randn(5, 4, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16)
+    bias = torch.randn(7, 2)  # key-based, per KV head
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 7], dtype=torch.int32)
+
+    def call(q, bias):
+        return op(q, k, v, None, bias, cu_q, cu_k, 3, 4, 0.25, False, 0.0, None)
+
+    out, lse = call(q, bias)
+    assert out.grad_fn is None and not out.requires_grad and not lse.requires_grad
+    with torch.inference_mode():
+        out_inference, _ = call(q, bias)
+    assert torch.equal(out_inference, out)
+    for grad_q, grad_bias in ((True, False), (False, True)):
+        q_g, bias_g = q.clone().requires_grad_(grad_q), bias.clone().requires_grad_(grad_bias)
+        out_g, lse_g = call(q_g, bias_g)
+        assert out_g.requires_grad and out_g.grad_fn is not None
+        assert not lse_g.requires_grad
+        assert torch.equal(out_g.detach(), out) and torch.equal(lse_g, lse)
+        with pytest.raises(NotImplementedError, match="mha_varlen_fwd has no backward pass"):
+            out_g.sum().backward()
