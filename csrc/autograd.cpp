@@ -13,6 +13,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 namespace {
@@ -22,13 +23,6 @@ using c10::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-variable_list refuse_backward(const char *op_name) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "flash_dmattn: ", op_name,
-                                " has no backward pass yet (forward only); call it under torch.no_grad() or on "
-                                "tensors that do not require grad");
-    return {};
-}
-
 using VarlenFwdSignature = std::tuple<Tensor, Tensor>(const Tensor &, const Tensor &, const Tensor &,
                                                       const optional<Tensor> &, const optional<Tensor> &,
                                                       const Tensor &, const Tensor &, int64_t, int64_t, double, bool,
@@ -36,59 +30,45 @@ using VarlenFwdSignature = std::tuple<Tensor, Tensor>(const Tensor &, const Tens
 using DenseFwdSignature = std::tuple<Tensor, Tensor>(const Tensor &, const Tensor &, const Tensor &,
                                                      const optional<Tensor> &, const optional<Tensor> &, double,
                                                      bool, double);
+constexpr char kVarlenFwd[] = "mha_varlen_fwd";
+constexpr char kDenseFwd[] = "mha_fwd";
 
-struct VarlenFwd : public torch::autograd::Function<VarlenFwd> {
-    static variable_list forward(AutogradContext *ctx, const Tensor &q, const Tensor &k, const Tensor &v,
-                                 const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
-                                 const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, double scale, bool is_causal, double softcap,
-                                 const optional<Tensor> &block_table) {
+// The graph node of op flash_dmattn::<kOpName> (its schema's C++ signature: Signature).
+template <const char *kOpName, class Signature>
+struct ForwardOnly : public torch::autograd::Function<ForwardOnly<kOpName, Signature>> {
+    template <class... Args>
+    static variable_list forward(AutogradContext *ctx, const Args &...args) {
         static const auto op = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("flash_dmattn::mha_varlen_fwd", "")
-                                   .typed<VarlenFwdSignature>();
+                                   .findSchemaOrThrow((std::string("flash_dmattn::") + kOpName).c_str(), "")
+                                   .template typed<Signature>();
         at::AutoDispatchBelowADInplaceOrView below_autograd;
-        auto [out, lse] = op.call(q, k, v, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, scale, is_causal, softcap, block_table);
+        auto [out, lse] = op.call(args...);
         ctx->mark_non_differentiable({lse});
         return {out, lse};
     }
-    static variable_list backward(AutogradContext *, variable_list) { return refuse_backward("mha_varlen_fwd"); }
-};
-
-struct DenseFwd : public torch::autograd::Function<DenseFwd> {
-    static variable_list forward(AutogradContext *ctx, const Tensor &q, const Tensor &k, const Tensor &v,
-                                 const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias, double scale,
-                                 bool is_causal, double softcap) {
-        static const auto op =
-            c10::Dispatcher::singleton().findSchemaOrThrow("flash_dmattn::mha_fwd", "").typed<DenseFwdSignature>();
-        at::AutoDispatchBelowADInplaceOrView below_autograd;
-        auto [out, lse] = op.call(q, k, v, attn_mask, attn_bias, scale, is_causal, softcap);
-        ctx->mark_non_differentiable({lse});
-        return {out, lse};
+    static variable_list backward(AutogradContext *, variable_list) {
+        TORCH_CHECK_NOT_IMPLEMENTED(false, "flash_dmattn: ", kOpName,
+                                    " has no backward pass yet (forward only); call it under torch.no_grad() or on "
+                                    "tensors that do not require grad");
+        return {};
     }
-    static variable_list backward(AutogradContext *, variable_list) { return refuse_backward("mha_fwd"); }
 };
 
-std::tuple<Tensor, Tensor> varlen_fwd_autograd(const Tensor &q, const Tensor &k, const Tensor &v,
-                                               const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
-                                               const Tensor &cu_seqlens_q, const Tensor &cu_seqlens_k,
-                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                               bool is_causal, double softcap, const optional<Tensor> &block_table) {
-    variable_list out_lse = VarlenFwd::apply(q, k, v, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
-                                             max_seqlen_q, max_seqlen_k, scale, is_causal, softcap, block_table);
-    return {out_lse[0], out_lse[1]};
-}
-
-std::tuple<Tensor, Tensor> dense_fwd_autograd(const Tensor &q, const Tensor &k, const Tensor &v,
-                                              const optional<Tensor> &attn_mask, const optional<Tensor> &attn_bias,
-                                              double scale, bool is_causal, double softcap) {
-    variable_list out_lse = DenseFwd::apply(q, k, v, attn_mask, attn_bias, scale, is_causal, softcap);
-    return {out_lse[0], out_lse[1]};
-}
+// The Autograd kernel registered for the op: its own signature, (out, lse) from the node.
+template <const char *kOpName, class Signature>
+struct AutogradKernel;
+template <const char *kOpName, class... Params>
+struct AutogradKernel<kOpName, std::tuple<Tensor, Tensor>(Params...)> {
+    static std::tuple<Tensor, Tensor> call(Params... args) {
+        using Node = ForwardOnly<kOpName, std::tuple<Tensor, Tensor>(Params...)>;
+        variable_list out_lse = Node::apply(args...);
+        return {out_lse[0], out_lse[1]};
+    }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flash_dmattn, Autograd, m) {
-    m.impl("mha_varlen_fwd", &varlen_fwd_autograd);
-    m.impl("mha_fwd", &dense_fwd_autograd);
+    m.impl(kVarlenFwd, &AutogradKernel<kVarlenFwd, VarlenFwdSignature>::call);
+    m.impl(kDenseFwd, &AutogradKernel<kDenseFwd, DenseFwdSignature>::call);
 }
