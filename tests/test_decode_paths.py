@@ -700,6 +700,34 @@ def test_warpgroup_query_mask(monkeypatch, device, dtype, head_dim, heads, mask_
                 assert ran == (mask_heads != "H"), f"{kind}, h' = {mask_heads}: kernels {names}"
 
 
+# fwd_kernel<T, D, FwdLayout::kKeys, true> in a profiler event name, demangled or mangled.
+KEY_SPLIT_QMASK_KERNEL = re.compile(r"fwd_kernel<.*(kKeys|FwdLayout\)1), true>|fwd_kernel.*FwdLayoutE1ELb1E")
+
+
+@CAUSAL
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256], ids=lambda d: f"d{d}")
+@CUDA_DTYPES
+@requires_cuda
+def test_key_split_staged_query_mask(monkeypatch, dtype, head_dim, causal):
+    """Decode blocks (the key split's 32-row blocks, GQA 4 x 1-8 queries) under a staged
+    query-based mask that differs per head, at every tile head dim: each stage holds the tile's
+    (32, kBlockN) block of the mask beside its K/V (at D = 192 and 256 a 32 x 32 block, fewer
+    16-byte chunks than threads), with two or three stages (tiles.cuh, KeySplitTile), swizzled or
+    padded rows. 48 x 80 blocks (tiles partly visible) with one hidden pair in ~500, a key-based
+    bias, the heuristic's split count and 7 splits, against the float64 reference; the profiler
+    shows the staged key-split kernel ran."""
+    for splits in (None, 7):
+        use_paths(monkeypatch, splits=splits)
+        batch = make_batch(DECODE_SEQLENS["cuda"], 32, 8, head_dim, dtype, "cuda")
+        mask = block_sparse_query_mask(batch, "H", 0.5, torch.bool, -batch.max_seqlen_k % 16)
+        mask &= torch.rand(mask.shape, device="cuda") >= 1 / 500
+        kwargs = dict(attn_mask=mask, attn_bias=make_operand("bias", batch, ("key", "H_k")), is_causal=causal)
+        out, lse = run_and_check(batch, **kwargs)
+        assert_empty_key_sequences_hidden(batch, out, lse)
+        names = kernels_launched(lambda: run_flash(batch, **kwargs))
+        assert any(KEY_SPLIT_QMASK_KERNEL.search(n) for n in names), f"d{head_dim}, splits {splits}: {names}"
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. The row schedule (csrc/kernels/row_schedule.cu): a grid without the row blocks past their
 #    sequence, for batches whose sequences are mostly shorter than max_seqlen_q

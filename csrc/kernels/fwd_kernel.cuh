@@ -7,7 +7,8 @@
 // For every visible key tile n (kBlockN keys) of the CTA's key range, Math (tile_math.cuh:
 // RowSplitMath or KeySplitMath; warpgroup_math.cuh: WarpgroupMath; the plan's choice) computes
 // S = Q K_n^T, the masked online softmax and O += P V_n.
-// K/V tiles are double-buffered with cp.async: tile n+1 is in flight while tile n is computed.
+// K/V tiles are copied with cp.async into a ring of Tile::kStages stages: the next kStages - 1
+// visible tiles are in flight while tile n is computed.
 // Key tiles whose mask hides every pair are never loaded (a query-based mask's tiles are tested
 // up front by tile_visibility.cu), and with gathered keys a tile holds only visible keys
 // (key_tiles.cuh). With split-KV the CTA writes its normalized partial O and lse
@@ -196,6 +197,7 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
         // One barrier per tile: it publishes tile n (landed, and fenced for the tensor cores' reads)
         // and tells that every warpgroup is done with tile n - 1, whose stage the next visible tile
         // then refills; the step starts that copy once its own S = Q K^T is under way.
+        static_assert(Tile::kStages == 2, "the warpgroup layout double-buffers its K/V tiles");
         while (n < n_stop) {
             cp_async_wait<0>();
             fence_proxy_async();
@@ -209,19 +211,33 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
             stage ^= 1;
         }
     } else {
+        // A ring of kStages stages: while tile n is computed (in `stage`), the next kAhead visible
+        // tiles are in flight, ahead[i] in stage + 1 + i (mod kStages); n_stop past the last one.
+        constexpr int kAhead = Tile::kStages - 1;
+        const auto stage_after = [](int s, int k) { return (s + k) % Tile::kStages; };
+        int ahead[kAhead];
+        int last = n;  // the last tile whose copy was started (n_stop: no more)
+#pragma unroll
+        for (int i = 0; i + 1 < kAhead; ++i) {  // all but the last slot; each step fills that one
+            last = last < n_stop ? next_visible(last + 1, stage_after(stage, 1 + i)) : n_stop;
+            if (last < n_stop) load_kv_async(last, stage_after(stage, 1 + i));
+            ahead[i] = last;
+        }
         while (n < n_stop) {
-            const int n_next = next_visible(n + 1, stage ^ 1);
-            if (n_next < n_stop) {
-                load_kv_async(n_next, stage ^ 1);
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
+            last = last < n_stop ? next_visible(last + 1, stage_after(stage, kAhead)) : n_stop;
+            if (last < n_stop) load_kv_async(last, stage_after(stage, kAhead));
+            ahead[kAhead - 1] = last;
+            int in_flight = 0;  // copies started after tile n's, which may stay pending
+#pragma unroll
+            for (int i = 0; i < kAhead; ++i) in_flight += ahead[i] < n_stop;
+            cp_async_wait_at_most<kAhead>(in_flight);
             __syncthreads();
             math.step(operands(stage), p, ctx, n);
             __syncthreads();  // every warp is done with `stage` before it is refilled
-            n = n_next;
-            stage ^= 1;
+            n = ahead[0];
+#pragma unroll
+            for (int i = 0; i + 1 < kAhead; ++i) ahead[i] = ahead[i + 1];
+            stage = stage_after(stage, 1);
         }
     }
     cp_async_wait<0>();  // the Q copy, when no key tile was visible

@@ -242,12 +242,13 @@ template <class Tile>
 __device__ __forceinline__ void load_query_mask_tile_async(const fdm_params &p, const MaskContext &c, int n,
                                                            uint8_t *tile) {
     constexpr int kChunksPerRow = Tile::kBlockN / 16;
-    constexpr int kIters = Tile::kBlockM * kChunksPerRow / Tile::kThreads;
-    static_assert(kIters * Tile::kThreads == Tile::kBlockM * kChunksPerRow, "whole chunks per thread");
+    constexpr int kChunks = Tile::kBlockM * kChunksPerRow;
+    constexpr int kIters = (kChunks + Tile::kThreads - 1) / Tile::kThreads;
     const uint8_t *mask = static_cast<const uint8_t *>(p.mask.ptr);
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
         const int chunk = threadIdx.x + it * Tile::kThreads;
+        if (kChunks % Tile::kThreads != 0 && chunk >= kChunks) break;  // (a 32 x 32 block: 64 chunks)
         const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 16;
         const int packed = c.m0 + row, j = n * Tile::kBlockN + col;
         const QuotRem qh = divmod(c.heads_per_cta, packed);

@@ -178,7 +178,7 @@ struct RowSplitMath {
 template <class T, class Tile>
 struct KeySplitMath {
     static constexpr int kWarps = Tile::kWarps;
-    static constexpr int kBlockN = Tile::kBlockN, kHeadDim = Tile::kHeadDim, kStride = Tile::kRowStride;
+    static constexpr int kBlockN = Tile::kBlockN, kHeadDim = Tile::kHeadDim;
     // O columns per warp: all of them up to D = 128, half above (64 accumulators a thread at most).
     static constexpr int kColParts = kHeadDim > 128 ? 2 : 1;
     static constexpr int kWarpCols = kHeadDim / kColParts;
@@ -241,8 +241,9 @@ struct KeySplitMath {
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk) {
             uint32_t a[4], bk[4];
-            ldmatrix_x4(a, smem_addr(op.q_s + (row0 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8));
-            ldmatrix_x4(bk, smem_addr(op.k_tile + (key0 + lane % 8 + (mi / 2) * 8) * kStride + kk * 16 + (mi % 2) * 8));
+            ldmatrix_x4(a, smem_addr(op.q_s + Tile::template offset<Tile::kBlockM>(row0 + lane % 16, kk * 16 + (lane / 16) * 8)));
+            ldmatrix_x4(bk, smem_addr(op.k_tile + Tile::template offset<kBlockN>(key0 + lane % 8 + (mi / 2) * 8,
+                                                                                kk * 16 + (mi % 2) * 8)));
             mma_16816<T>(s[0], a, bk[0], bk[1]);
             mma_16816<T>(s[1], a, bk[2], bk[3]);
         }
@@ -259,8 +260,8 @@ struct KeySplitMath {
 #pragma unroll
         for (int dd = 0; dd < kDTiles / 2; ++dd) {
             uint32_t bv[4];
-            ldmatrix_x4_trans(bv, smem_addr(op.v_tile + (key0 + lane % 8 + (mi % 2) * 8) * kStride + col0 + dd * 16 +
-                                            (mi / 2) * 8));
+            ldmatrix_x4_trans(bv, smem_addr(op.v_tile + Tile::template offset<kBlockN>(key0 + lane % 8 + (mi % 2) * 8,
+                                                                                       col0 + dd * 16 + (mi / 2) * 8)));
             mma_16816<T>(acc_o[2 * dd], a, bv[0], bv[1]);
             mma_16816<T>(acc_o[2 * dd + 1], a, bv[2], bv[3]);
         }

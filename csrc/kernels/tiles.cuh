@@ -26,10 +26,12 @@ constexpr int fwd_block_n(int tile_head_dim) { return tile_head_dim <= 128 ? 64 
 // shared memory feeds two MMAs, half the ldmatrix traffic per FLOP of 16 rows) where 255 registers
 // hold two tiles' S and O without spilling: D <= 64 (at D = 96 and 128 ptxas spills inside the
 // tile loop, and D = 128 ran 18% slower on the H100, docs/notes.md). 16 rows per warp otherwise;
-// also for the key-split layout (kKeySplitRows rows at most) and a staged query mask (its block is
-// rows x kBlockN bytes per stage, and a block-sparse mask skips more tiles of shorter row blocks).
+// also for a staged query mask (its block is rows x kBlockN bytes per stage, and a block-sparse
+// mask skips more tiles of shorter row blocks). The key-split layout's block holds kKeySplitRows
+// rows (launch_plan.h; KeySplitTile).
 constexpr int fwd_block_m(int tile_head_dim, bool key_split, bool staged_mask) {
-    return tile_head_dim <= 64 && !key_split && !staged_mask ? 32 * kFwdWarps : 16 * kFwdWarps;
+    if (key_split) return kKeySplitRows;
+    return tile_head_dim <= 64 && !staged_mask ? 32 * kFwdWarps : 16 * kFwdWarps;
 }
 constexpr int kFwdMaxBlockM = 32 * kFwdWarps;  // the largest fwd_block_m
 
@@ -76,6 +78,54 @@ struct FwdTile {
     template <int kRows>
     __device__ __forceinline__ static int offset(int row, int col) {
         return row * kRowStride + col;
+    }
+};
+
+// Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by
+// CTAs, 1 KB reserved per CTA); the launch plan sizes its waves with it.
+constexpr int fwd_ctas_per_sm(int smem_bytes) { return (227 * 1024) / (smem_bytes + 1024); }
+
+// Tile shapes of the key-split layout (KeySplitMath, decode): blocks of kKeySplitRows rows, 4 warps
+// splitting each key tile. Decode streams K/V and computes little, so a CTA's tile rate is set by
+// how many tiles it has in flight: three stages (two tiles in flight while one is computed) where
+// they fit two CTAs per SM, else two. Three stages of 64 keys at D = 128 fit only without the
+// padded rows' 16 bytes, so where the head dim is a multiple of 64 (rows of whole 128-byte
+// groups) the tiles are swizzled instead: 16-byte chunk c of row r sits at chunk c ^ (r % 8) of
+// its 8-chunk group, which puts the 8 rows of an ldmatrix in 8 distinct bank groups too.
+template <int kHeadDim_, bool kStagedMask_>
+struct KeySplitTile {
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr int kWarps = kFwdWarps;
+    static constexpr int kThreads = 32 * kWarps;
+    static constexpr int kBlockM = kKeySplitRows;
+    static constexpr int kBlockN = fwd_block_n(kHeadDim);
+    static constexpr int kChunksPerRow = kHeadDim / 8;
+    static constexpr bool kSwizzled = kHeadDim % 64 == 0;
+    static constexpr int kRowStride = kSwizzled ? kHeadDim : kHeadDim + 8;  // shared row pitch (elements)
+
+    // Shared memory, as in FwdTile (q_s, k_s, v_s, then row_s, bias_s, key_s, keep_s per stage, then
+    // qmask_s with a staged query-based mask), with kStages stages:
+    static constexpr int kQElems = kBlockM * kRowStride;
+    static constexpr int kKVElems = kBlockN * kRowStride;
+    static constexpr int kKeyStageBytes = kBlockN * (8 + 4 + 4 + 1);
+    static constexpr int kQMaskStride = kBlockN + 16;
+    static constexpr int kQMaskStageBytes = kBlockM * kQMaskStride;
+    static constexpr int bytes_of(int stages) {
+        return 2 * (kQElems + 2 * stages * kKVElems) + stages * kKeyStageBytes +
+               (kStagedMask_ ? stages * kQMaskStageBytes : 0);
+    }
+    static constexpr int kStages = fwd_ctas_per_sm(bytes_of(3)) >= 2 ? 3 : 2;
+    static constexpr int kSmemBytes = bytes_of(kStages);
+    static constexpr int smem_bytes(bool) { return kSmemBytes; }
+    static constexpr int kMaxCtasPerSm = 8;
+
+    // Element offset of (row, col) in a shared tile (col a multiple of 8 for a chunk's start).
+    template <int kRows>
+    __device__ __forceinline__ static int offset(int row, int col) {
+        if constexpr (kSwizzled)
+            return row * kHeadDim + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+        else
+            return row * kRowStride + col;
     }
 };
 
@@ -135,11 +185,8 @@ struct WarpgroupTile {
 template <int kHeadDim, FwdLayout kLayout, bool kStagedMask>
 using FwdTileOf =
     std::conditional_t<kLayout == FwdLayout::kWarpgroups, WarpgroupTile<kHeadDim, kStagedMask>,
-                       FwdTile<kHeadDim, fwd_block_m(kHeadDim, kLayout == FwdLayout::kKeys, kStagedMask)>>;
-
-// Resident CTAs per SM the forward's shared memory allows on sm_80/sm_90 (227 KB per SM usable by
-// CTAs, 1 KB reserved per CTA); the launch plan sizes its waves with it.
-constexpr int fwd_ctas_per_sm(int smem_bytes) { return (227 * 1024) / (smem_bytes + 1024); }
+                       std::conditional_t<kLayout == FwdLayout::kKeys, KeySplitTile<kHeadDim, kStagedMask>,
+                                          FwdTile<kHeadDim, fwd_block_m(kHeadDim, false, kStagedMask)>>>;
 
 // Tile head dim serving a real head dim (multiple of 8, <= 256); 0 when none does.
 inline int tile_head_dim(int64_t d) {
@@ -169,6 +216,20 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+// Waits until at most `pending` (0..kMax, the same in every thread) of this thread's commit groups
+// are still in flight.
+template <int kMax>
+__device__ __forceinline__ void cp_async_wait_at_most(int pending) {
+    if constexpr (kMax > 0) {
+        if (pending >= kMax) {
+            cp_async_wait<kMax>();
+            return;
+        }
+        cp_async_wait_at_most<kMax - 1>(pending);
+    } else {
+        cp_async_wait<0>();
+    }
 }
 
 // Copies kRows rows into a (kRows, D) shared tile laid out by Tile::offset. row_ptr(r) is the global
