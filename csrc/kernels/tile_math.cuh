@@ -33,7 +33,7 @@ namespace fdm {
 // Shared-memory operands of one step.
 template <class T>
 struct TileOperands {
-    const T *q_s;      // (kBlockM, kRowStride) Q
+    const T *q_s;      // (kBlockM, kRowStride) Q (rows laid out by Tile::offset: padded or swizzled)
     const T *k_tile;   // (kBlockN, kRowStride) K_n
     const T *v_tile;   // (kBlockN, kRowStride) V_n
     KeyStage keys;     // the tile's staged per-key data (key_tiles.cuh)

@@ -116,8 +116,8 @@ struct KeySplitTile {
     }
     static constexpr int kStages = fwd_ctas_per_sm(bytes_of(3)) >= 2 ? 3 : 2;
     static constexpr int kSmemBytes = bytes_of(kStages);
-    static constexpr int smem_bytes(bool) { return kSmemBytes; }
-    static constexpr int kMaxCtasPerSm = 8;
+    static constexpr int smem_bytes(bool) { return kSmemBytes; }  // (the staged mask is kStagedMask_)
+    static constexpr int kMaxCtasPerSm = 8;  // no register cap: the plan counts shared memory alone here
 
     // Element offset of (row, col) in a shared tile (col a multiple of 8 for a chunk's start).
     template <int kRows>
