@@ -11,8 +11,8 @@ forward's measured span (~250 us) for the launch plan's ranges.
 
 Row blocks: one per (sequence, KV head) (decode: the G query heads of a KV head times the
 sequence's 1-8 queries fit one block); a block's tiles are the gathered tiles of its keys (chunks
-of 1024 keys, each cut into 64-key tiles; an all-True mask). Splits of a row block:
-  plan    the launch plan's: ranges of --tiles-per-split virtual tiles (16 a chunk), --splits
+of 2048 keys, each cut into 64-key tiles; an all-True mask). Splits of a row block:
+  plan    the launch plan's: ranges of --tiles-per-split virtual tiles (32 a chunk), --splits
           ranges a row block (the empty ones included: they are CTAs too), as in fwd_kernel.cuh
   even    ceil(tiles / T) ranges of equal size, for T in --even
   guided  ranges of about (work left from this row block on) / slots tiles, between --min-tiles
@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import shapes  # noqa: E402
 
-CHUNK, TILE = 1024, 64  # gather_chunk(64) and the key split's tile (launch_plan.h, tiles.cuh)
+CHUNK, TILE = 2048, 64  # gather_chunk(64) and the key split's tile (launch_plan.h, tiles.cuh)
 SUBTILES = CHUNK // TILE
 
 

@@ -242,9 +242,9 @@ def test_gathered_keys_with_splits_and_biases(monkeypatch, device, dtype, num_sp
     run_and_check(batch, attn_mask=mask, attn_bias=make_bias(batch, *bias.split("-")), is_causal=causal)
 
 
-# One sequence of 69 gathered chunks beside one of 33 (ending on a chunk boundary), short ones and
-# an empty one.
-LONG_SEQLENS = [(1, 70001), (4, 2047), (2, 33 * 1024), (1, 5), (3, 0)]
+# One sequence of 35 gathered chunks (2048 keys each at D = 64) beside one of 17 (ending on a chunk
+# boundary), short ones and an empty one.
+LONG_SEQLENS = [(1, 70001), (4, 2047), (2, 17 * 2048), (1, 5), (3, 0)]
 
 
 @requires_cuda
@@ -472,7 +472,7 @@ LAYOUTS = {"rows": (0, 0), "keys": (1, 0), "warpgroups": (0, 1)}
 
 
 # Chunk kinds of the gathered path (csrc/kernels/key_tiles.cuh): a chunk of gather_chunk(kBlockN)
-# keys (launch_plan.h: 4096 for the warpgroup tiles of 128 keys at D = 128, else 1024) whose keys
+# keys (launch_plan.h: 4096 for the warpgroup tiles of 128 keys at D = 128, 2048 for the 64-key tiles) whose keys
 # are all visible is read as its contiguous range, any other through its list of visible keys.
 # Beside them an empty key sequence and an empty query sequence.
 CHUNK_SEQLENS = {"cpu": [(20, 300), (3, 150), (4, 0)],
@@ -490,7 +490,7 @@ def test_gathered_chunk_kinds(monkeypatch, device, dtype, gather, layout, causal
     key_split, warpgroups = LAYOUTS[layout]
     use_paths(monkeypatch, gather=gather, key_split=key_split, warpgroups=warpgroups)
     # The CPU kernel has no chunks: the same pattern, smaller.
-    chunk = (4096 if layout == "warpgroups" else 1024) if device == "cuda" else 64
+    chunk = (4096 if layout == "warpgroups" else 2048) if device == "cuda" else 64
     batch = make_batch(CHUNK_SEQLENS[device], 8, 2, 128, dtype, device)
     keep = torch.rand(batch.total_k, batch.num_heads_k, device=device) < 0.5
     for b, (_, len_k) in enumerate(batch.seqlens):

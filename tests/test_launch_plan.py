@@ -18,7 +18,7 @@ MIN_GATHER_KEYS = 2048  # kGatherMinKeys
 
 def gather_chunk(block_n):
     """Keys per compaction chunk (launch_plan.h, gather_chunk)."""
-    return 32 * block_n if block_n >= 128 else 1024
+    return 32 * block_n if block_n >= 64 else 1024
 
 
 MASK_NONE, MASK_KEY, MASK_QUERY = -1, 0, 1

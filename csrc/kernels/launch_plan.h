@@ -33,10 +33,11 @@
 namespace fdm {
 
 constexpr int kGatherMinKeys = 2048;   // gathered keys from this max_seqlen_k on (the heuristic)
-// Keys per compaction chunk for key tiles of block_n keys: 1024, or 32 tiles of 128 keys. A chunk
-// of v visible keys fills ceil(v / block_n) tiles, the last one partly: longer chunks waste less
-// (at 50% density 1024 keys make 4.5 tiles of 128 on average, 2048 keys 8.5, 4096 keys 16.5).
-FDM_HOST_DEVICE constexpr int gather_chunk(int block_n) { return block_n >= 128 ? 32 * block_n : 1024; }
+// Keys per compaction chunk for key tiles of block_n keys: 32 tiles of 64 or 128 keys, 1024 keys of
+// 32-key tiles. A chunk of v visible keys fills ceil(v / block_n) tiles, the last one partly:
+// longer chunks waste less (at 50% density 1024 keys make 4.5 tiles of 128 on average, 2048 keys
+// 8.5, 4096 keys 16.5; at 25%, 1024 keys make 4.5 tiles of 64, 2048 keys 8.5).
+FDM_HOST_DEVICE constexpr int gather_chunk(int block_n) { return block_n >= 64 ? 32 * block_n : 1024; }
 constexpr int kMaxSplits = 128;        // split-KV ranges per row block at most
 constexpr int kMinSplitTiles = 8;      // key tiles per range at least (amortizes the partial write)
 constexpr int kWavesUniform = 1;       // a split grid holds about this many waves of CTAs when every
