@@ -472,8 +472,9 @@ LAYOUTS = {"rows": (0, 0), "keys": (1, 0), "warpgroups": (0, 1)}
 
 
 # Chunk kinds of the gathered path (csrc/kernels/key_tiles.cuh): a chunk of gather_chunk(kBlockN)
-# keys (launch_plan.h: 4096 for the warpgroup tiles of 128 keys at D = 128, 2048 for the 64-key tiles) whose keys
-# are all visible is read as its contiguous range, any other through its list of visible keys.
+# keys (launch_plan.h: 4096 for the warpgroup tiles of 128 keys at D = 128, 2048 for the 64-key
+# tiles) whose keys are all visible is read as its contiguous range, any other through its list of
+# visible keys.
 # Beside them an empty key sequence and an empty query sequence.
 CHUNK_SEQLENS = {"cpu": [(20, 300), (3, 150), (4, 0)],
                  "cuda": [(700, 9000), (300, 3000), (1, 4097), (8, 2100), (129, 1025), (4, 0), (0, 2048), (40, 8193)]}
