@@ -73,10 +73,9 @@ def plan_ctas(lens, args):
     out = []
     for len_k in lens:
         virtual = math.ceil(len_k / CHUNK) * SUBTILES
-        for _ in range(args.kv_heads):
-            for s in range(args.splits):
-                first = s * args.tiles_per_split
-                out.append(real_tiles(len_k, first, min(virtual, first + args.tiles_per_split)))
+        for s in range(args.splits):  # the key split's CTA order: the KV heads of a range side by side
+            first = s * args.tiles_per_split
+            out += [real_tiles(len_k, first, min(virtual, first + args.tiles_per_split))] * args.kv_heads
     return out
 
 

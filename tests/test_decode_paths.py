@@ -770,6 +770,28 @@ def test_row_schedule(monkeypatch, dtype, causal, order, operands):
         assert any("row_schedule_kernel" in n for n in names) == bool(schedule), names
 
 
+# The key split's own CTA order (fwd_kernel.cuh: the head blocks of one key range side by side)
+# applies when the batch's K/V is beyond the L2 (sequences first) and there is no row schedule:
+# 124k keys x 8 KV heads x D = 128 (508 MB) in sequences of 1-8 queries (32 packed rows at most,
+# one row block each), with empty, short and long ones and lengths on no tile or chunk boundary.
+KEY_SPLIT_ORDER_SEQLENS = [(1, 40000), (8, 30001), (3, 9000), (0, 5000), (5, 129), (2, 0), (7, 20000), (4, 20199)]
+
+
+@CAUSAL
+@pytest.mark.parametrize("num_splits", [None, 3], ids=["splits_auto", "splits3"])
+@pytest.mark.parametrize("operands", ["none", "key-tiles", "key-gather"])
+@requires_cuda
+def test_key_split_sequences_first_order(monkeypatch, operands, num_splits, causal):
+    """Decode blocks of a batch whose K/V does not fit the L2, with split-KV over every KV head,
+    against the reference: every (sequence, key range, head block) CTA finds its own work."""
+    use_paths(monkeypatch, splits=num_splits, gather=1 if operands == "key-gather" else 0, row_schedule=0)
+    batch = make_batch(KEY_SPLIT_ORDER_SEQLENS, 32, 8, 128, torch.bfloat16, "cuda")
+    kwargs = {}
+    if operands != "none":
+        kwargs = dict(attn_mask=make_mask(batch, "key", "H_k", density=0.5), attn_bias=make_bias(batch, "key", "H_k"))
+    run_and_check(batch, is_causal=causal, **kwargs)
+
+
 @CUDA_DTYPES
 @requires_cuda
 def test_row_schedule_cuda_graph_replay(monkeypatch, dtype):

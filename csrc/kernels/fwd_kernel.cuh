@@ -52,6 +52,8 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
     // The CTA order (launch_plan.h, use_rows_first), with row block m_block = num_m_blocks - 1 - m_rev:
     //   rows_first: blockIdx.x = ((m_rev * B + b) * head_blocks + head_block) * num_splits + split
     //   else:       blockIdx.x = ((b * head_blocks + head_block) * num_m_blocks + m_rev) * num_splits + split
+    //   key split:  blockIdx.x = ((b * num_m_blocks + m_rev) * num_splits + split) * head_blocks + head_block
+    // (the key split's head blocks of one key range run side by side: their K/V rows are neighbours)
     // With a row schedule (row_schedule.cu) the same order without the row blocks past their
     // sequence: (b, m_block, head_block) = schedule[blockIdx.x / num_splits].
     // (32-bit index math by the plan's divisors: the grid holds fewer than 2^31 CTAs, FDM_ERR_GRID.)
@@ -62,9 +64,11 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
         idx = qr.quot;
         return qr.rem;
     };
+    const bool heads_inner = kKeySplit && !plan.row_schedule && !plan.rows_first;
+    int head_block = heads_inner ? step(plan.div.head_blocks) : 0;
     const int split = step(plan.div.splits);
     const int P = plan.heads_per_cta;
-    int head_block, b;
+    int b;
     int m_block;
     if (plan.row_schedule) {
         wait_for_prior_grid();
@@ -79,8 +83,8 @@ __global__ void __launch_bounds__(FwdTileOf<kHeadDim, kLayout, kStagedMask>::kTh
         b = step(plan.div.batch);
         m_block = plan.num_m_blocks - 1 - idx;
     } else {
+        if (!heads_inner) head_block = step(plan.div.head_blocks);
         m_block = plan.num_m_blocks - 1 - step(plan.div.m_blocks);
-        head_block = step(plan.div.head_blocks);
         b = idx;
     }
     const int h0 = head_block * P;  // first query head of the CTA
